@@ -1,0 +1,216 @@
+"""Task conversions: rows of one spec -> (query, positive, negatives) Examples, following NV-Embed §4.2.
+
+A *unit* is one potential example: a retrieval row, a classification/clustering row, or one side of an STS pair.
+Only unit indices (numpy) and, for labelled tasks, one label code per row live in memory; texts are fetched from
+the Arrow table when a batch asks for them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Callable, Dict, List, Sequence
+
+import numpy as np
+
+from .example import Example
+from .corpus import Corpus
+from .sources import normalize, open_source, validate
+from .spec import DataSpec, SpecError
+
+_TRIES = 20  # rejection-sampling attempts before accepting a duplicate filler
+
+
+class TaskData:
+    def __init__(self, spec: DataSpec, log: Callable[[str], None] = print):
+        self.spec, self.log = spec, log
+        self.stats: Dict[str, Any] = {"rows_read": 0, "rows_skipped": 0, "skipped": Counter(), "filtered": Counter(),
+                                      "examples": 0, "negatives_filled": 0}
+        self._logged = 0
+        self.source = open_source(spec, self._bad)
+        # rows dropped while parsing a text file are not in the table; count them as read
+        self.stats["rows_read"] = len(self.source) + self.stats["rows_skipped"]
+        self.corpus = Corpus(spec) if spec.source.corpus else None
+        rows = np.asarray(validate(self.source, self._bad), dtype=np.int64)
+        if self.corpus is not None:
+            rows = self._check_ids(rows)
+        if spec.max_examples is not None and len(rows) > spec.max_examples:
+            # a fixed-seed sample, not the head: sources are often sorted by label
+            keep = np.sort(np.random.default_rng(0).choice(len(rows), spec.max_examples, replace=False))
+            self.stats["filtered"]["over max_examples"] += len(rows) - len(keep)
+            rows = rows[keep]
+        self.rows = rows
+        self.units = self._build_units(rows)
+        self.stats["examples"] = len(self.units)
+        if len(self.units) == 0:
+            raise SpecError(f"{spec.path}: no usable examples ({self.summary()})")
+
+    # -- errors -----------------------------------------------------------------------------------------------
+    def _bad(self, where: str, why: str) -> None:
+        if self.spec.on_error == "raise":
+            raise SpecError(f"{where}: {why} (spec {self.spec.path}; set on_error: skip to skip and count such rows)")
+        self.stats["rows_skipped"] += 1
+        self.stats["skipped"][why] += 1
+        if self._logged < 5:  # every skip is counted; the first few are shown in full
+            self.log(f"[data] {self.spec.name}: skipped {where}: {why}")
+            self._logged += 1
+
+    def _check_ids(self, rows: np.ndarray) -> np.ndarray:
+        keep = []
+        for start in range(0, len(rows), 10000):
+            chunk = rows[start:start + 10000]
+            for i, r in zip(chunk, self.source.fetch(chunk)):
+                missing = [d for d in r["positive_ids"] + r["negative_ids"] if not self.corpus.has(d)]
+                if missing:
+                    self._bad(f"{self.source.locate(int(i))}: field "
+                              f"'{self.spec.fields.positive_ids or self.spec.fields.negative_ids}'",
+                              f"id {missing[0]!r} not in corpus {self.corpus.path}")
+                else:
+                    keep.append(i)
+        return np.asarray(keep, dtype=np.int64)
+
+    def summary(self) -> str:
+        s = self.stats
+        parts = [f"rows read {s['rows_read']}", f"examples {s['examples']}", f"skipped {s['rows_skipped']}"]
+        parts += [f"{why}: {n}" for why, n in list(s["skipped"].items()) + list(s["filtered"].items()) if n]
+        return ", ".join(parts)
+
+    # -- units ------------------------------------------------------------------------------------------------
+    def _column(self, rows: np.ndarray, key: str) -> List[Any]:
+        out: List[Any] = []
+        for start in range(0, len(rows), 10000):
+            out.extend(r[key] for r in self.source.fetch(rows[start:start + 10000]))
+        return out
+
+    def _build_units(self, rows: np.ndarray) -> np.ndarray:
+        task, spec = self.spec.task, self.spec
+        if task == "retrieval":
+            return rows
+        if task == "sts":
+            scores = np.asarray(self._column(rows, "score"), dtype=np.float64)
+            ok = rows[scores >= spec.min_score]
+            if len(ok) < len(rows):
+                self.stats["filtered"][f"score < {spec.min_score:g}"] += int(len(rows) - len(ok))
+            # each kept pair gives two units: (row, side 0) and (row, side 1)
+            return (ok[:, None] * 2 + np.arange(2)[None, :]).reshape(-1)
+        labels = self._column(rows, "label")
+        names, codes = np.unique(np.asarray(labels, dtype=object).astype(str), return_inverse=True)
+        if len(names) < 2:
+            raise SpecError(f"{spec.path}: {task} needs at least 2 classes, found {len(names)}")
+        self.row_codes = dict(zip(rows.tolist(), codes.tolist()))
+        self.code_rows = [rows[codes == c] for c in range(len(names))]
+        label_text_col = self._column(rows, "label_text")
+        texts: Dict[int, str] = {}
+        for c, lt in zip(codes.tolist(), label_text_col):
+            if c not in texts and lt:
+                texts[c] = lt
+        self.label_texts = [spec.label_texts.get(n) or texts.get(c) or n.replace("_", " ")
+                            for c, n in enumerate(names)]
+        # binary tasks always use label texts (NV-Embed §4.2); multi-class follows label_mode
+        self.by_label = spec.label_mode == "label" or len(names) == 2
+        if self.by_label:
+            return rows
+        sizes = np.bincount(codes, minlength=len(names))
+        ok = rows[sizes[codes] >= 2]
+        if len(ok) < len(rows):
+            self.stats["filtered"]["only example of its class"] += int(len(rows) - len(ok))
+        return ok
+
+    # -- examples ---------------------------------------------------------------------------------------------
+    def make(self, units: Sequence[int], rngs: Sequence[np.random.Generator], n_neg: int) -> List[Example]:
+        task = self.spec.task
+        row_ids = [int(u) // 2 if task == "sts" else int(u) for u in units]
+        rows = self.source.fetch(row_ids)
+        out = []
+        for u, rid, row, rng in zip(units, row_ids, rows, rngs):
+            if task == "retrieval":
+                q, pos, negs = self._retrieval(row, rng, n_neg)
+            elif task == "sts":
+                side = int(u) % 2
+                q, pos = (row["text1"], row["text2"]) if side == 0 else (row["text2"], row["text1"])
+                negs = self._fill([], n_neg, {q, pos}, rng)
+            else:
+                q, pos, negs = self._labelled(rid, row, rng, n_neg)
+            out.append(Example(query=q, positive=pos, negatives=negs, instruction=self.spec.instruction,
+                               symmetric=self.spec.is_symmetric, dataset=self.spec.name))
+        return out
+
+    def _retrieval(self, row: Dict[str, Any], rng: np.random.Generator, n_neg: int):
+        pos_texts = list(row["positives"])
+        if row["positive_ids"]:
+            pos_texts += self.corpus.texts(row["positive_ids"])
+        pos = pos_texts[int(rng.integers(len(pos_texts)))]
+        own = list(row["negatives"])
+        if row["negative_ids"]:
+            own += self.corpus.texts(row["negative_ids"])
+        own = [t for t in dict.fromkeys(own) if t not in pos_texts]
+        cap = n_neg if self.spec.num_hard_negatives is None else min(n_neg, self.spec.num_hard_negatives)
+        if len(own) > cap:
+            own = [own[i] for i in sorted(rng.choice(len(own), cap, replace=False))]
+        return row["query"], pos, self._fill(own, n_neg, set(pos_texts) | {row["query"]}, rng)
+
+    def _random_docs(self, k: int, rng: np.random.Generator) -> List[str]:
+        """k random documents of this dataset: corpus entries, else positives/texts of random rows."""
+        if self.corpus is not None:
+            return self.corpus.texts_at(rng.integers(len(self.corpus), size=k).tolist())
+        picks = self.rows[rng.integers(len(self.rows), size=k)].tolist()
+        out = []
+        for r in self.source.fetch(picks):
+            if self.spec.task == "retrieval":
+                out.append(r["positives"][int(rng.integers(len(r["positives"])))] if r["positives"]
+                           else r["query"])
+            elif self.spec.task == "sts":
+                out.append(r["text1"] if rng.integers(2) == 0 else r["text2"])
+            else:
+                out.append(r["text"])
+        return out
+
+    def _fill(self, negs: List[str], n_neg: int, avoid: set, rng: np.random.Generator) -> List[str]:
+        need = n_neg - len(negs)
+        if need <= 0:
+            return negs[:n_neg]
+        self.stats["negatives_filled"] += need
+        out, seen = list(negs), set(negs) | avoid
+        for _ in range(_TRIES):
+            for t in self._random_docs(need - (len(out) - len(negs)), rng):
+                if t not in seen:
+                    out.append(t)
+                    seen.add(t)
+            if len(out) == n_neg:
+                return out
+        while len(out) < n_neg:  # tiny datasets: accept repeats rather than fail
+            out.extend(self._random_docs(n_neg - len(out), rng))
+        return out
+
+    def _labelled(self, rid: int, row: Dict[str, Any], rng: np.random.Generator, n_neg: int):
+        code = self.row_codes[rid]
+        if self.by_label:
+            others = [t for c, t in enumerate(self.label_texts) if c != code]
+            take = [others[i] for i in rng.permutation(len(others))[:n_neg]]
+            if len(take) < n_neg:  # fewer other labels than negatives: repeat them, and say so in stats
+                self.stats["negatives_filled"] += n_neg - len(take)
+                take += [others[i % len(others)] for i in range(n_neg - len(take))]
+            return row["text"], self.label_texts[code], take
+        same = self.code_rows[code]
+        pos_row = rid
+        while pos_row == rid:
+            pos_row = int(same[rng.integers(len(same))])
+        neg_rows: List[int] = []
+        for _ in range(n_neg * _TRIES):
+            if len(neg_rows) == n_neg:
+                break
+            r = int(self.rows[rng.integers(len(self.rows))])
+            if self.row_codes[r] != code and r not in neg_rows:
+                neg_rows.append(r)
+        while len(neg_rows) < n_neg:  # pathological class balance: allow repeats
+            r = int(self.rows[rng.integers(len(self.rows))])
+            if self.row_codes[r] != code:
+                neg_rows.append(r)
+        texts = [r["text"] for r in self.source.fetch([pos_row] + neg_rows)]
+        return row["text"], texts[0], texts[1:]
+
+
+def open_task(spec: DataSpec, log: Callable[[str], None] = print) -> TaskData:
+    return TaskData(spec, log)
+
+
+__all__ = ["TaskData", "open_task", "normalize"]
