@@ -73,5 +73,8 @@ def train_main(argv: List[str] | None = None) -> None:
             print(f"nvembed: config error: {e}", file=sys.stderr)
             sys.exit(2)
 
+    # `++key=value`: set a schema key whether or not the recipe file mentions it (our own check ran above)
+    argv = [f"++{a}" if "=" in a and not a.startswith(("-", "+", "~")) and not a.startswith("hydra")
+            and "/" not in a.split("=", 1)[0] else a for a in argv]
     sys.argv = [sys.argv[0]] + argv + extra
     _main()

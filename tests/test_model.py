@@ -97,7 +97,7 @@ def test_instruction_changes_embedding_but_is_not_pooled():
 
 def test_latent_attention_shapes_and_masking():
     torch.manual_seed(0)
-    pcfg = PoolingConfig(mode="latent_attention", num_latents=16, num_heads=4, head_dim=8)
+    pcfg = PoolingConfig(mode="latent_attention", num_latents=16, num_heads=4, head_dim=8, zero_init_residual=False)
     head = LatentAttentionPooling(32, pcfg)
     assert head.latents.shape == (16, 32)
     assert head.to_q.weight.shape == (32, 32)  # 4 heads x 8
@@ -119,6 +119,17 @@ def test_latent_attention_shapes_and_masking():
         big = LatentAttentionPooling(4096, PoolingConfig(num_latents=512, num_heads=8))
     n = sum(p.numel() for p in big.parameters())
     assert 0.70e9 < n < 0.78e9
+
+
+def test_zero_init_head_starts_as_mean_pooling():
+    torch.manual_seed(0)
+    head = LatentAttentionPooling(32, PoolingConfig(num_latents=8, num_heads=2, head_dim=16))
+    hidden, mask = torch.randn(3, 6, 32), torch.tensor([[1] * 6, [1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1]])
+    m = mask.unsqueeze(-1).float()
+    assert torch.allclose(head(hidden, mask), (hidden * m).sum(1) / m.sum(1), atol=1e-6)
+    out = head(hidden, mask).sum()
+    out.backward()
+    assert head.to_out.weight.grad.abs().sum() > 0  # the zero branch still learns
 
 
 def test_pooler_modes():

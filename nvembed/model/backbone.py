@@ -38,6 +38,45 @@ def resolve_gguf(cfg: ModelConfig) -> Tuple[Optional[str], Optional[str]]:
     return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
 
 
+def _gguf_cache_dir(path: str) -> str:
+    import hashlib
+
+    st = os.stat(path)
+    key = hashlib.sha1(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = os.environ.get("NVEMBED_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "nvembed"))
+    return os.path.join(root, "gguf", f"{os.path.basename(path)}-{key}")
+
+
+def materialize_gguf(cfg: ModelConfig) -> Tuple[Optional[str], Optional[str]]:
+    """(folder, gguf file or None): with ``gguf_cache``, the GGUF is converted once to a plain safetensors folder."""
+    folder, gguf = resolve_gguf(cfg)
+    if not gguf or not cfg.gguf_cache:
+        return folder, gguf
+    cache = _gguf_cache_dir(os.path.join(folder, gguf))
+    if os.path.isfile(os.path.join(cache, ".complete")):
+        return cache, None
+    from transformers import AutoModel, AutoTokenizer
+
+    print(f"[nvembed] converting {gguf} to {cache} (once)", flush=True)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    model = AutoModel.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    # the weights are de-quantised floats now: drop the GGUF "quantizer" so save_pretrained writes plain safetensors
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = f"{cache}.tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    open(os.path.join(tmp, ".complete"), "w").close()
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    try:
+        os.replace(tmp, cache)
+    except OSError:  # another process converted it meanwhile
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    return cache, None
+
+
 def set_bidirectional(model: nn.Module, enabled: bool = True) -> None:
     """Switch a transformers decoder between causal and bidirectional attention, in place."""
     configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "to_dict")}
@@ -70,7 +109,7 @@ def load_tokenizer(cfg: ModelConfig):
     if cfg.tokenizer:
         tok = AutoTokenizer.from_pretrained(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
     else:
-        folder, gguf = resolve_gguf(cfg)
+        folder, gguf = materialize_gguf(cfg)
         if folder is None:
             raise ValueError("model.tokenizer must be set when the backbone is built from model.random_init")
         kwargs = {"gguf_file": gguf} if gguf else {}
@@ -95,7 +134,7 @@ def load_backbone(cfg: ModelConfig, vocab_size: Optional[int] = None) -> nn.Modu
         config._attn_implementation = cfg.attn_implementation
         model = AutoModel.from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
     else:
-        folder, gguf = resolve_gguf(cfg)
+        folder, gguf = materialize_gguf(cfg)
         kwargs = {"gguf_file": gguf} if gguf else {}
         model = AutoModel.from_pretrained(folder, dtype=dtype, attn_implementation=cfg.attn_implementation,
                                           trust_remote_code=cfg.trust_remote_code, **kwargs)

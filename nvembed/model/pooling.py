@@ -64,6 +64,10 @@ class LatentAttentionPooling(nn.Module):
         self.ff_norm = nn.LayerNorm(hidden_size)
         self.ff = nn.Sequential(nn.Linear(hidden_size, hidden_size * cfg.ff_mult * 2), GEGLU(),
                                 nn.Linear(hidden_size * cfg.ff_mult, hidden_size))
+        if cfg.zero_init_residual:
+            nn.init.zeros_(self.to_out.weight)
+            nn.init.zeros_(self.ff[2].weight)
+            nn.init.zeros_(self.ff[2].bias)
 
     def cross_attention(self, hidden: torch.Tensor) -> torch.Tensor:
         b, n, _ = hidden.shape

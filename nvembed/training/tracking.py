@@ -4,21 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from typing import Any, Dict, List, Optional
 
 from ..config import LoggingConfig
+from ..export.model_card import scrub  # one secret scrubber for run folders, logs and model cards
 
-_SECRET = re.compile(r"(token|secret|password|api_?key|wandb_?key|auth)", re.I)
-
-
-def scrub(obj: Any) -> Any:
-    """Drop values under keys that look like secrets (never written to run folders or logs)."""
-    if isinstance(obj, dict):
-        return {k: ("***" if _SECRET.search(str(k)) else scrub(v)) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [scrub(v) for v in obj]
-    return obj
+__all__ = ["Tracker", "scrub", "read_metrics", "plot_loss_curves"]
 
 
 class Tracker:

@@ -18,8 +18,9 @@ from omegaconf import OmegaConf
 from ..config import RunConfig, StageConfig, to_dict
 from ..losses import InfoNCELoss, LossOutput, MatryoshkaLoss, distill_kl
 from . import checkpoint as ckpt
+from . import deepspeed_utils as ds_utils
 from .collate import Batch, Collator
-from .distributed import all_gather_no_grad, all_gather_with_grad
+from .distributed import all_gather_no_grad, all_gather_with_grad, sync_context
 from .tracking import Tracker, plot_loss_curves, scrub
 
 
@@ -41,11 +42,14 @@ def make_accelerator(precision: str):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    handlers = []
+    handlers, cpu = [], False
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # without gloo, accelerate on CPU quietly runs each rank as its own single process
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    return Accelerator(mixed_precision=resolve_precision(precision), kwargs_handlers=handlers)
+        # and without cpu=True (set by `accelerate launch --cpu`, not by torchrun) it reports DistributedType.NO:
+        # no DDP wrapping, so gradients would silently not be averaged across ranks
+        cpu = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true"
+    return Accelerator(mixed_precision=resolve_precision(precision), kwargs_handlers=handlers, cpu=cpu)
 
 
 class Trainer:
@@ -72,7 +76,7 @@ class Trainer:
         self.embedder = build_embedder(self.cfg.model, seed=self.cfg.seed)
         if self.cfg.init_from:
             self.embedder.load_weights(self.cfg.init_from)
-        self.model = acc.prepare_model(self.embedder)
+        self.model = ds_utils.prepare_model(acc, self.embedder)  # DeepSpeed: engine built in the first stage
         if acc.is_main_process:
             os.makedirs(self.out, exist_ok=True)
             plain = scrub(to_dict(self.cfg))
@@ -101,7 +105,7 @@ class Trainer:
     # ---- the run -------------------------------------------------------------------------------------------------
     def run(self) -> Dict[str, Any]:
         self.setup()
-        from .evaluation import maybe_evaluate  # local: evaluation pulls in sklearn/scipy
+        from .evaluation import maybe_evaluate, write_report  # local: evaluation pulls in sklearn/scipy
 
         maybe_evaluate(self, "untrained")
         for name in self.cfg.stages:
@@ -110,12 +114,15 @@ class Trainer:
         result = {"output_dir": self.out}
         if self.accelerator.is_main_process:
             plot_loss_curves(self.out)
+            result["table"] = write_report(self)
         if self.cfg.export_final:
             from ..export import export_model
 
             self.accelerator.wait_for_everyone()
-            if self.accelerator.is_main_process:
-                export_model(self.accelerator.unwrap_model(self.model), os.path.join(self.out, "final"), self.cfg)
+            with ds_utils.export_context(self.accelerator, self.model):  # ZeRO-3: full weights for the export
+                if self.accelerator.is_main_process:
+                    export_model(self.accelerator.unwrap_model(self.model), os.path.join(self.out, "final"),
+                                 self.cfg)
             result["final"] = os.path.join(self.out, "final")
         self.accelerator.wait_for_everyone()
         self.tracker.close()
@@ -143,22 +150,29 @@ class Trainer:
         final_dir = os.path.join(stage_dir, "final")
         if self.cfg.resume and ckpt.read_state(final_dir) is not None:
             # finished earlier: its weights are the starting point of the next stage
-            self.embedder.load_weights(final_dir)
+            ds_utils.load_weights(acc, self.embedder, final_dir)
             self.global_step = ckpt.read_state(final_dir)["global_step"]
             self._log_line(f"{name}: already complete, skipped")
             return
         data = self._stage_data(st, name)
         total = st.max_steps or max(1, math.ceil(st.epochs * data.steps_per_epoch / st.gradient_accumulation_steps))
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=st.learning_rate, weight_decay=st.weight_decay)
-        scheduler = get_scheduler(st.lr_scheduler, optimizer, num_warmup_steps=st.warmup_steps,
-                                  num_training_steps=total)
-        optimizer, scheduler = acc.prepare(optimizer, scheduler)
+        if ds_utils.is_deepspeed(acc):  # engine (first stage) or fresh optimizer state on it (later stages)
+            optimizer, scheduler = ds_utils.prepare_stage(self, st, total)
+        else:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=st.learning_rate, weight_decay=st.weight_decay)
+            scheduler = get_scheduler(st.lr_scheduler, optimizer, num_warmup_steps=st.warmup_steps,
+                                      num_training_steps=total)
+            optimizer, scheduler = acc.prepare(optimizer, scheduler)
         start = 0
         if acc.is_main_process:
             ckpt.clean_temporaries(stage_dir)
         existing = ckpt.checkpoints(stage_dir) if self.cfg.resume else []
-        if existing:
+        if existing and ds_utils.is_deepspeed(acc):
+            state = ds_utils.load(self, existing[-1])
+            start, self.global_step = state["step"], state["global_step"]
+            self._log_line(f"{name}: resumed from {existing[-1]} at step {start}/{total}")
+        elif existing:
             state = ckpt.load_checkpoint(existing[-1], embedder=self.embedder, optimizer=optimizer.optimizer,
                                          scheduler=scheduler.scheduler)
             start, self.global_step = state["step"], state["global_step"]
@@ -221,6 +235,8 @@ class Trainer:
 
     def save(self, folder: str, optimizer, scheduler, state: Dict[str, Any]) -> None:
         acc = self.accelerator
+        if ds_utils.is_deepspeed(acc):
+            return ds_utils.save(self, folder, optimizer, state)
         acc.wait_for_everyone()
         weights = self.embedder.trainable_state_dict()
         if acc.is_main_process:
@@ -241,18 +257,20 @@ class Trainer:
             batch = collator(data.batch(step * ga + micro)).to(acc.device)
             totals["tokens"] += batch.num_tokens
             totals["sequences"] += batch.num_sequences
+            sync = micro == ga - 1  # DDP: no_sync before the last micro-batch; DeepSpeed: one engine step
             if st.grad_cache_chunk_size > 0:
                 from .gradcache import grad_cache_backward
 
-                out = grad_cache_backward(self, batch, st, loss_fn, scale=1.0 / ga)
+                out = grad_cache_backward(self, batch, st, loss_fn, scale=1.0 / ga, sync=sync)
             else:
-                with acc.autocast():
-                    out = self.compute_loss(batch, st, loss_fn)
-                ok = acc.reduce(torch.isfinite(out.loss.detach()).float().reshape(1), reduction="sum")
-                if ok.item() < acc.num_processes:
-                    finite = False
-                    break
-                acc.backward(out.loss / ga)
+                with sync_context(acc, self.model, sync):
+                    with acc.autocast():
+                        out = self.compute_loss(batch, st, loss_fn)
+                    ok = acc.reduce(torch.isfinite(out.loss.detach()).float().reshape(1), reduction="sum")
+                    if ok.item() < acc.num_processes:
+                        finite = False
+                        break
+                    acc.backward(out.loss / ga)
             if not torch.isfinite(out.loss.detach()):
                 finite = False
                 break
@@ -260,9 +278,12 @@ class Trainer:
             totals["accuracy"] += out.accuracy.item() / ga
         if not finite:
             optimizer.zero_grad(set_to_none=True)
+            ds_utils.discard_grads(acc)
             return None
         params = [p for p in self.model.parameters() if p.requires_grad]
-        if st.max_grad_norm > 0:
+        if ds_utils.is_deepspeed(acc):  # the engine already clipped and stepped in the last backward
+            grad_norm = ds_utils.grad_norm(acc)
+        elif st.max_grad_norm > 0:
             grad_norm = acc.clip_grad_norm_(params, st.max_grad_norm)
         else:
             grad_norm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))

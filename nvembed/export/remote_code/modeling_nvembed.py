@@ -1,0 +1,262 @@
+"""An exported nvembed text embedder as a transformers model (remote code; needs no ``nvembed`` install).
+
+    from transformers import AutoModel
+    model = AutoModel.from_pretrained(FOLDER, trust_remote_code=True)
+    q = model.encode(["how do I reset my password?"], instruction="Given a question, retrieve passages that answer it")
+    d = model.encode(["To reset your password, open Settings ..."])
+    scores = q @ d.T                                    # cosine similarity (embeddings are L2-normalised)
+
+``encode`` returns a float32 ``torch.Tensor`` [n, hidden] on the CPU (``convert_to_numpy=True`` gives numpy).
+``forward(input_ids, attention_mask, pool_mask)`` returns the pooled embeddings [batch, hidden] (float32).
+
+The backbone is any transformers decoder (rebuilt from ``config.text_config``) made bidirectional exactly as in
+training: ``config.is_causal=False`` and every module's ``is_causal`` flag cleared, so transformers builds a
+padding-only mask. Pooling (NV-Embed latent attention, mean or last token) runs over ``pool_mask``: the attention
+mask with the instruction prompt tokens zeroed (they are attended to but not pooled).
+"""
+
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel
+
+from .configuration_nvembed import NVEmbedConfig
+
+
+# ---- bidirectional switch (same as nvembed.model.backbone.set_bidirectional) --------------------------------------
+def set_bidirectional(model: nn.Module, enabled: bool = True) -> None:
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "to_dict")}
+    for c in configs.values():
+        c.is_causal = not enabled
+        for sub in ("text_config",):
+            if hasattr(c, sub) and getattr(c, sub) is not None:
+                getattr(c, sub).is_causal = not enabled
+    for m in model.modules():
+        if hasattr(m, "is_causal") and isinstance(getattr(m, "is_causal"), bool):
+            m.is_causal = not enabled
+
+
+# ---- pooling (same as nvembed.model.pooling) ----------------------------------------------------------------------
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+
+
+def last_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (attention_mask.bool() * positions).amax(dim=1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+class GEGLU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, gate = x.chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class LatentAttentionPooling(nn.Module):
+    """NV-Embed latent attention: token states (queries) attend to a trainable latent array (keys/values), pre-norm,
+    residual; then a pre-norm GEGLU feed-forward with residual; then a masked mean over ``pool_mask``."""
+
+    def __init__(self, hidden_size: int, num_latents: int, num_heads: int, head_dim: Optional[int],
+                 latent_dim: Optional[int], ff_mult: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.head_dim = head_dim or hidden_size
+        latent_dim = latent_dim or hidden_size
+        inner = self.num_heads * self.head_dim
+        self.latents = nn.Parameter(torch.randn(num_latents, latent_dim))
+        self.norm = nn.LayerNorm(hidden_size)
+        self.norm_context = nn.LayerNorm(latent_dim)
+        self.to_q = nn.Linear(hidden_size, inner, bias=False)
+        self.to_kv = nn.Linear(latent_dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, hidden_size, bias=False)
+        self.ff_norm = nn.LayerNorm(hidden_size)
+        self.ff = nn.Sequential(nn.Linear(hidden_size, hidden_size * ff_mult * 2), GEGLU(),
+                                nn.Linear(hidden_size * ff_mult, hidden_size))
+
+    def cross_attention(self, hidden: torch.Tensor) -> torch.Tensor:
+        b, n, _ = hidden.shape
+        q = self.to_q(self.norm(hidden))
+        k, v = self.to_kv(self.norm_context(self.latents)).chunk(2, dim=-1)
+        q = q.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(1, -1, self.num_heads, self.head_dim).transpose(1, 2).expand(b, -1, -1, -1)
+        v = v.view(1, -1, self.num_heads, self.head_dim).transpose(1, 2).expand(b, -1, -1, -1)
+        out = F.scaled_dot_product_attention(q, k, v)  # tokens attend to latents only: no mask needed
+        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+
+    def forward(self, hidden: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
+        hidden = hidden.to(self.to_q.weight.dtype) if not torch.is_autocast_enabled(hidden.device.type) else hidden
+        hidden = self.cross_attention(hidden) + hidden
+        hidden = self.ff(self.ff_norm(hidden)) + hidden
+        return masked_mean(hidden, pool_mask)
+
+
+# ---- inputs (same as nvembed.model.inputs.tokenize) ---------------------------------------------------------------
+def tokenize(tokenizer, texts: Sequence[str], prompts: Optional[Sequence[str]] = None, *, max_length: int = 512,
+             add_eos: bool = True, exclude_prompt: bool = True) -> Dict[str, torch.Tensor]:
+    """``input_ids``, ``attention_mask`` and ``pool_mask`` (attention mask minus the prompt tokens, found by
+    character offsets; a token straddling the prompt/text boundary counts as text). EOS appended."""
+    prompts = list(prompts) if prompts is not None else [""] * len(texts)
+    if len(prompts) != len(texts):
+        raise ValueError("tokenize: one prompt per text")
+    full = [p + t for p, t in zip(prompts, texts)]
+    room = max_length - (1 if add_eos else 0)
+    enc = tokenizer(full, add_special_tokens=True, truncation=True, max_length=room,
+                    return_offsets_mapping=getattr(tokenizer, "is_fast", False))
+    rows, prompt_lens = [], []
+    for i, ids in enumerate(enc["input_ids"]):
+        ids = list(ids)
+        if add_eos and tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+            ids.append(tokenizer.eos_token_id)
+        n_prompt = 0
+        if exclude_prompt and prompts[i]:
+            if "offset_mapping" in enc:
+                end = len(prompts[i])
+                n_prompt = sum(1 for (s, e) in enc["offset_mapping"][i] if e <= end)
+            else:
+                n_prompt = len(tokenizer(prompts[i], add_special_tokens=True)["input_ids"])
+            n_prompt = min(n_prompt, len(ids) - 1)
+        rows.append(ids)
+        prompt_lens.append(n_prompt)
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    pool = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, n_prompt) in enumerate(zip(rows, prompt_lens)):
+        start = width - len(ids) if left else 0
+        input_ids[i, start:start + len(ids)] = torch.tensor(ids)
+        attention[i, start:start + len(ids)] = 1
+        pool[i, start + n_prompt:start + len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "pool_mask": pool}
+
+
+# ---- the model ------------------------------------------------------------------------------------------------------
+class NVEmbedPreTrainedModel(PreTrainedModel):
+    config_class = NVEmbedConfig
+    base_model_prefix = "nvembed"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):  # every weight is in the checkpoint; this only serves fresh configs
+        super()._init_weights(module)
+        if isinstance(module, LatentAttentionPooling):
+            with torch.no_grad():
+                module.latents.normal_()
+
+
+class NVEmbedModel(NVEmbedPreTrainedModel):
+    """Bidirectional decoder backbone (``embedding_model``) + pooling head (``latent_attention_model`` for the
+    latent-attention mode). ``encode`` embeds raw texts; ``forward`` embeds tokenized inputs."""
+
+    def __init__(self, config: NVEmbedConfig):
+        super().__init__(config)
+        self.embedding_model = AutoModel.from_config(config.text_config)
+        if config.pooling_mode == "latent_attention":
+            self.latent_attention_model = LatentAttentionPooling(
+                config.text_config.hidden_size, config.num_latents, config.num_heads, config.head_dim,
+                config.latent_dim, config.ff_mult)
+        elif config.pooling_mode in ("mean", "last_token"):
+            self.latent_attention_model = None
+        else:
+            raise ValueError(f"unknown pooling_mode '{config.pooling_mode}' (latent_attention, mean, last_token)")
+        self._tokenizer = None
+        self.post_init()
+        set_bidirectional(self.embedding_model, config.bidirectional)
+
+    # -- tokenizer --------------------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        """The tokenizer saved next to the weights (loaded on first use; pad = EOS when it has none)."""
+        if self._tokenizer is None:
+            source = getattr(self.config, "_name_or_path", None) or getattr(self, "name_or_path", None)
+            if not source:
+                raise ValueError("NVEmbedModel: no tokenizer; load the model with from_pretrained or set model.tokenizer")
+            self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=True)
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tok) -> None:
+        if tok is not None:
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+            tok.padding_side = self.config.padding_side
+        self._tokenizer = tok
+
+    def build_prompt(self, instruction: Optional[str]) -> str:
+        """The query prompt for a task instruction (``config.query_template``); empty for no instruction."""
+        return self.config.query_template.format(instruction=instruction) if instruction else ""
+
+    def tokenize(self, texts: Sequence[str], prompts: Optional[Sequence[str]] = None,
+                 max_length: Optional[int] = None) -> Dict[str, torch.Tensor]:
+        """Model inputs for ``prompts[i] + texts[i]`` with the prompt tokens left out of ``pool_mask``."""
+        return tokenize(self.tokenizer, list(texts), prompts, max_length=max_length or self.config.max_seq_length,
+                        add_eos=self.config.add_eos, exclude_prompt=self.config.exclude_instruction)
+
+    # -- model ------------------------------------------------------------------------------------------------------
+    def get_input_embeddings(self):
+        return self.embedding_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.embedding_model.set_input_embeddings(value)
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
+        mode = self.config.pooling_mode
+        if mode == "latent_attention":
+            emb = self.latent_attention_model(hidden, pool_mask)
+        elif mode == "mean":
+            emb = masked_mean(hidden, pool_mask)
+        else:
+            emb = last_token(hidden, attention_mask)
+        emb = emb.float()
+        return F.normalize(emb, p=2, dim=-1) if self.config.normalize else emb
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                pool_mask: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+        """Pooled embeddings [batch, hidden] (float32; L2-normalised if ``config.normalize``).
+        ``pool_mask`` defaults to ``attention_mask`` (nothing excluded)."""
+        if pool_mask is None:
+            pool_mask = attention_mask
+        out = self.embedding_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return self.pool(out.last_hidden_state, attention_mask, pool_mask)
+
+    @torch.no_grad()
+    def encode(self, texts: Union[str, Sequence[str]], instruction: str = "", max_length: Optional[int] = None,
+               batch_size: int = 32, prompt: Optional[str] = None, convert_to_numpy: bool = False,
+               show_progress: bool = False, **kwargs):
+        """Embed texts. A query gets ``instruction`` (wrapped in ``config.query_template``) or a ready ``prompt``;
+        documents get neither. Returns a float32 CPU ``torch.Tensor`` [n, hidden] (numpy with
+        ``convert_to_numpy=True``), L2-normalised if ``config.normalize``."""
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        prefix = prompt if prompt is not None else self.build_prompt(instruction)
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # little padding per batch
+        out: List[Optional[torch.Tensor]] = [None] * len(texts)
+        starts = range(0, len(order), batch_size)
+        if show_progress:
+            from tqdm.auto import tqdm
+            starts = tqdm(starts, desc="encode", leave=False)
+        for s in starts:
+            idx = order[s:s + batch_size]
+            feats = self.tokenize([texts[i] for i in idx], [prefix] * len(idx), max_length)
+            emb = self(**{k: v.to(device) for k, v in feats.items()})
+            for j, i in enumerate(idx):
+                out[i] = emb[j].float().cpu()
+        self.train(was_training)
+        result = torch.stack(out) if out else torch.zeros((0, self.config.text_config.hidden_size))
+        return result.numpy() if convert_to_numpy else result
+
+
+__all__ = ["NVEmbedModel", "NVEmbedPreTrainedModel"]
