@@ -159,3 +159,19 @@ def test_demo_files_are_training_splits_only():
     assert total < 6.5e6
     first = json.loads((ROOT / "data_specs" / "demo" / "files" / "stsb_train.jsonl").open().readline())
     assert set(first) >= {"text1", "text2", "score"}
+
+
+def test_per_row_instruction_column(tmp_path):
+    import json as _json
+
+    from nvembed.data import build_stage_data
+
+    rows = [{"q": f"question {i}", "p": f"passage {i}", "task": "Find the passage" if i % 2 else ""} for i in range(6)]
+    (tmp_path / "d.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "s.yaml").write_text("name: syn\ntask: retrieval\ninstruction: Default task\n"
+                                     "source: {path: d.jsonl}\nfields: {query: q, positive: p, instruction: task}\n")
+    data = build_stage_data([str(tmp_path / "s.yaml")], stage="stage1", num_hard_negatives=1, batch_size=6,
+                            specs_root=str(tmp_path), log=lambda m: None)
+    got = {ex.query: ex.instruction for ex in data.batch(0)}
+    for i in range(6):
+        assert got[f"question {i}"] == ("Find the passage" if i % 2 else "Default task")

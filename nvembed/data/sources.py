@@ -70,6 +70,14 @@ def _texts(value: Any, field: str) -> List[str]:
 
 def normalize(row: Dict[str, Any], spec: DataSpec, label_names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Raw source row -> canonical row of the spec's task. Raises RowError naming the (source) field."""
+    out = _normalize(row, spec, label_names)
+    if spec.fields.instruction:
+        value = get_path(row, spec.fields.instruction) if spec.fields.instruction in row else None
+        out["instruction"] = value.strip() if isinstance(value, str) and value.strip() else None
+    return out
+
+
+def _normalize(row: Dict[str, Any], spec: DataSpec, label_names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     f = spec.fields
 
     def col(key: str, required: bool = True) -> Any:

@@ -67,6 +67,9 @@ class FieldsSpec:
     score: Optional[str] = None
     id: Optional[str] = None
     """Optional row id column (only used in messages)."""
+    instruction: Optional[str] = None
+    """Optional column with a per-row task instruction (e.g. E5-style synthetic data); empty cells fall back to the
+    spec's ``instruction``."""
     corpus_id: str = "id"
     corpus_text: str = "text"
 

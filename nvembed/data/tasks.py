@@ -130,7 +130,8 @@ class TaskData:
                 negs = self._fill([], n_neg, {q, pos}, rng)
             else:
                 q, pos, negs = self._labelled(rid, row, rng, n_neg)
-            out.append(Example(query=q, positive=pos, negatives=negs, instruction=self.spec.instruction,
+            out.append(Example(query=q, positive=pos, negatives=negs,
+                               instruction=row.get("instruction") or self.spec.instruction,
                                symmetric=self.spec.is_symmetric, dataset=self.spec.name))
         return out
 
