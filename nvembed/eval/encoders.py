@@ -1,0 +1,189 @@
+"""Encoders used by evaluation and mining.
+
+Every evaluator talks to a :class:`TextEncoder`: ``encode(texts, instruction=None)`` returns float32, L2-normalised
+rows. ``instruction=None`` means "document / plain text"; a string means "query for this task". The trainer's model
+adapter implements the same protocol, so a freshly trained checkpoint is evaluated exactly like a baseline.
+
+:class:`BM25Retriever` is *not* an encoder (it has no vectors); retrieval evaluation accepts it as a lexical baseline.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Protocol, Sequence, Union, runtime_checkable
+
+import numpy as np
+
+DEFAULT_QUERY_TEMPLATE = "Instruct: {instruction}\nQuery: "
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    name: str
+
+    def encode(self, texts: Sequence[str], *, instruction: Optional[str] = None, batch_size: int = 32,
+               show_progress: bool = False) -> np.ndarray:
+        """Return float32 ``[len(texts), d]`` with L2-normalised rows."""
+        ...
+
+
+def l2_normalize(x) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 1:
+        x = x[None, :]
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(n, 1e-12)
+
+
+class SentenceTransformerEncoder:
+    """Wrap a ``sentence_transformers.SentenceTransformer`` (object or folder/name).
+
+    ``instruction`` becomes a prompt ``query_template.format(instruction=...)`` put before the text (NV-Embed style:
+    ``"Instruct: {instruction}\\nQuery: "``). Models trained without instructions (e.g. all-MiniLM) should use
+    ``use_instructions=False``: then queries and documents are encoded identically.
+    """
+
+    def __init__(self, model, *, name: Optional[str] = None, use_instructions: bool = True,
+                 query_template: str = DEFAULT_QUERY_TEMPLATE, max_seq_length: Optional[int] = None,
+                 device: Optional[str] = None, trust_remote_code: bool = False):
+        if isinstance(model, (str, os.PathLike)):
+            from sentence_transformers import SentenceTransformer
+
+            path = str(model)
+            model = SentenceTransformer(path, device=device or "cpu", trust_remote_code=trust_remote_code)
+            name = name or Path(path).name or path
+        self.model = model
+        self.name = name or type(model).__name__
+        self.use_instructions = use_instructions
+        self.query_template = query_template
+        if max_seq_length:
+            self.model.max_seq_length = int(max_seq_length)
+
+    def prompt(self, instruction: Optional[str]) -> Optional[str]:
+        if instruction is None or not self.use_instructions:
+            return None
+        return self.query_template.format(instruction=instruction)
+
+    def encode(self, texts: Sequence[str], *, instruction: Optional[str] = None, batch_size: int = 32,
+               show_progress: bool = False) -> np.ndarray:
+        texts = list(texts)
+        if not texts:
+            dim = self.model.get_sentence_embedding_dimension() or 0
+            return np.zeros((0, dim), dtype=np.float32)
+        kw = {}
+        p = self.prompt(instruction)
+        if p:
+            kw["prompt"] = p
+        emb = self.model.encode(texts, batch_size=batch_size, show_progress_bar=show_progress,
+                                convert_to_numpy=True, normalize_embeddings=True, **kw)
+        return l2_normalize(emb)
+
+
+class CallableEncoder:
+    """Adapt any object whose ``encode(texts, instruction=..., ...)`` returns vectors (e.g. an nvembed model loaded
+    through ``transformers.AutoModel(..., trust_remote_code=True)``). Keyword arguments the wrapped ``encode`` does
+    not accept are left out; outputs (numpy or torch) are converted to normalised float32."""
+
+    def __init__(self, model, *, name: Optional[str] = None, query_template: Optional[str] = None):
+        self.model = model
+        self.name = name or type(model).__name__
+        self.query_template = query_template
+        try:
+            params = inspect.signature(model.encode).parameters
+            self._var_kw = any(p.kind == p.VAR_KEYWORD for p in params.values())
+            self._params = set(params)
+        except (TypeError, ValueError):
+            self._var_kw, self._params = True, set()
+
+    def _accepts(self, key: str) -> bool:
+        return self._var_kw or key in self._params
+
+    def encode(self, texts: Sequence[str], *, instruction: Optional[str] = None, batch_size: int = 32,
+               show_progress: bool = False) -> np.ndarray:
+        texts = list(texts)
+        kw = {}
+        if instruction is not None:
+            if self._accepts("instruction"):
+                kw["instruction"] = instruction
+            else:
+                tmpl = self.query_template or DEFAULT_QUERY_TEMPLATE
+                texts = [tmpl.format(instruction=instruction) + t for t in texts]
+        if self._accepts("batch_size"):
+            kw["batch_size"] = batch_size
+        out = self.model.encode(texts, **kw)
+        if hasattr(out, "detach"):
+            out = out.detach().float().cpu().numpy()
+        return l2_normalize(out)
+
+
+class BM25Retriever:
+    """Lexical baseline (bm25s, Lucene-style BM25 with English stopwords). Not a :class:`TextEncoder`:
+    retrieval evaluation calls :meth:`index` then :meth:`search`; other task types are skipped."""
+
+    name = "bm25"
+
+    def __init__(self, *, k1: float = 1.5, b: float = 0.75, stopwords: str = "en", name: str = "bm25"):
+        self.k1, self.b, self.stopwords, self.name = k1, b, stopwords, name
+        self._retriever, self._ids = None, None
+
+    def index(self, doc_ids: Sequence[str], texts: Sequence[str]) -> "BM25Retriever":
+        import bm25s
+
+        self._ids = list(doc_ids)
+        tokens = bm25s.tokenize(list(texts), stopwords=self.stopwords, show_progress=False)
+        self._retriever = bm25s.BM25(k1=self.k1, b=self.b)
+        self._retriever.index(tokens, show_progress=False)
+        return self
+
+    def search(self, queries: Sequence[str], k: int = 100) -> List[Dict[str, float]]:
+        """Return, per query, ``{doc_id: score}`` of the top ``k`` documents (documents with score 0 omitted)."""
+        import bm25s
+
+        if self._retriever is None:
+            raise RuntimeError("call index() first")
+        k = min(k, len(self._ids))
+        tokens = bm25s.tokenize(list(queries), stopwords=self.stopwords, show_progress=False)
+        docs, scores = self._retriever.retrieve(tokens, k=k, show_progress=False)
+        out = []
+        for row_d, row_s in zip(docs, scores):
+            out.append({self._ids[int(d)]: float(s) for d, s in zip(row_d, row_s) if s > 0})
+        return out
+
+
+AnyModel = Union[TextEncoder, BM25Retriever]
+
+
+def load_encoder(path: str, *, name: Optional[str] = None, use_instructions: Optional[bool] = None,
+                 query_template: str = DEFAULT_QUERY_TEMPLATE, max_seq_length: Optional[int] = None,
+                 device: Optional[str] = None) -> AnyModel:
+    """Load an encoder from ``path``.
+
+    * ``"bm25"`` -> :class:`BM25Retriever`.
+    * a folder with ``modules.json`` -> ``SentenceTransformer(path, trust_remote_code=True)`` wrapped in
+      :class:`SentenceTransformerEncoder`. ``use_instructions`` defaults to True unless the model's
+      ``config_sentence_transformers.json`` defines no prompts and the model is a small BERT-style encoder
+      (heuristic: folder name contains "MiniLM"/"mpnet"); pass it explicitly to be sure.
+    * otherwise ``transformers.AutoModel.from_pretrained(path, trust_remote_code=True)`` whose model has
+      ``.encode(texts, instruction=...)`` (nvembed exports) -> :class:`CallableEncoder`.
+    """
+    if str(path).lower() == "bm25":
+        return BM25Retriever()
+    p = Path(path)
+    nm = name or (p.parent.name if p.name in ("model", "models", "") else p.name)
+    if (p / "modules.json").exists():
+        if use_instructions is None:
+            use_instructions = not any(s in str(p).lower() for s in ("minilm", "mpnet"))
+        return SentenceTransformerEncoder(str(p), name=nm, use_instructions=use_instructions,
+                                          query_template=query_template, max_seq_length=max_seq_length,
+                                          device=device, trust_remote_code=True)
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(p), trust_remote_code=True)
+    if device:
+        model = model.to(device)
+    model.eval()
+    if not hasattr(model, "encode"):
+        raise TypeError(f"{path}: model class {type(model).__name__} has no .encode(texts, instruction=...)")
+    return CallableEncoder(model, name=nm, query_template=query_template)

@@ -1,0 +1,176 @@
+"""Hard-negative mining with a teacher encoder and positive-aware rules.
+
+Pipeline: deduplicate the corpus by text (positives are added to it) -> encode corpus and queries (optionally through
+the resumable :mod:`~nvembed.mining.cache`) -> memory-bounded top-k per block of queries
+(:func:`~nvembed.mining.topk.chunked_topk`, or FAISS) -> :func:`~nvembed.mining.rules.select_negatives` per query.
+
+Enough candidates are retrieved for the rank window to survive the removal of positives:
+``k = range_max + max #positives per query + 1`` (the FAISS path once returned too few candidates with several
+positives, sentence-transformers PR #3872).
+
+Output records (JSONL, the retrieval data spec): ``{"query", "positives", "negatives", "negative_scores",
+"positive_scores", ...pass-through fields}``; :func:`write_mined` adds a spec YAML next to the JSONL.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from nvembed.mining.cache import encode_with_cache
+from nvembed.mining.rules import MiningRule, select_negatives
+from nvembed.mining.topk import search_topk
+
+
+def mine_hard_negatives(teacher, queries: Sequence[str], positives: Sequence[Sequence[str]],
+                        corpus: Optional[Sequence[str]] = None, *, rule: Optional[MiningRule] = None,
+                        instruction: Optional[str] = None, batch_size: int = 32, cache_dir: Optional[str] = None,
+                        use_faiss: bool = False, query_block_size: int = 4096, query_chunk_size: int = 512,
+                        doc_chunk_size: int = 16384, exclude_query_text: bool = True,
+                        show_progress: bool = True, stats: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
+    """Mine hard negatives for each ``queries[i]`` with positives ``positives[i]`` from ``corpus``.
+
+    Args:
+        teacher: a TextEncoder (queries encoded with ``instruction``, documents without).
+        corpus: candidate documents; None = the pool of all positives. Positives are always added to it.
+        rule: :class:`MiningRule` (default TopK-PercPos 0.95, ranks [0, 50), 4 negatives, top sampling).
+        cache_dir: folder for the resumable embedding cache (keyed by teacher name + texts).
+        use_faiss: use FAISS IndexFlatIP instead of torch chunked top-k.
+        query_block_size: queries whose top-k is held at once (memory ``block * k``, never ``nq * nd``).
+        exclude_query_text: never select a document whose text equals the query (symmetric/STS-style pools).
+        stats: if a dict is given, it is filled with counts (queries, corpus size, short queries, seconds).
+    """
+    rule = rule or MiningRule()
+    if len(queries) != len(positives):
+        raise ValueError("queries and positives must have the same length")
+    t0 = time.perf_counter()
+    texts: List[str] = []
+    index: Dict[str, int] = {}
+
+    def add(t: str) -> int:
+        if t not in index:
+            index[t] = len(texts)
+            texts.append(t)
+        return index[t]
+
+    for t in corpus or ():
+        add(t)
+    pos_ids = [[add(p) for p in dict.fromkeys(ps)] for ps in positives]
+    if any(not p for p in pos_ids) and rule.rule in ("topk_percpos", "topk_marginpos"):
+        raise ValueError(f"{rule.rule} needs at least one positive per query")
+
+    d_emb = encode_with_cache(teacher, texts, instruction=None, cache_dir=cache_dir, batch_size=batch_size,
+                              show_progress=show_progress, desc="encode corpus")
+    q_emb = encode_with_cache(teacher, list(queries), instruction=instruction, cache_dir=cache_dir,
+                              batch_size=batch_size, show_progress=show_progress, desc="encode queries")
+    max_pos = max((len(p) for p in pos_ids), default=0)
+    extra = 1 if exclude_query_text else 0
+    k = len(texts) if rule.range_max is None else min(len(texts), rule.range_max + max_pos + extra)
+
+    records: List[Dict[str, Any]] = []
+    n_short = 0
+    blocks = range(0, len(queries), query_block_size)
+    for b in tqdm(blocks, desc="mine", disable=not show_progress, total=len(blocks)):
+        qb = q_emb[b:b + query_block_size]
+        scores, idx = search_topk(qb, d_emb, k, use_faiss=use_faiss, query_chunk_size=query_chunk_size,
+                                  doc_chunk_size=doc_chunk_size)
+        for j in range(len(qb)):
+            qi = b + j
+            pids = pos_ids[qi]
+            pscores = [float(np.dot(q_emb[qi], d_emb[p])) for p in pids]
+            excl = [index[queries[qi]]] if exclude_query_text and queries[qi] in index else []
+            neg_ids, neg_scores = select_negatives(idx[j], scores[j], pids, pscores, rule, query_index=qi,
+                                                   excluded_ids=excl)
+            n_short += len(neg_ids) < rule.num_negatives
+            records.append({"query": queries[qi], "positives": [texts[p] for p in pids],
+                            "negatives": [texts[n] for n in neg_ids],
+                            "negative_scores": [round(s, 6) for s in neg_scores],
+                            "positive_scores": [round(s, 6) for s in pscores]})
+    if stats is not None:
+        stats.update({"num_queries": len(queries), "corpus_size": len(texts), "k_retrieved": k,
+                      "queries_with_fewer_negatives": n_short, "seconds": round(time.perf_counter() - t0, 2)})
+    return records
+
+
+# ----------------------------------------------------------------------------------------------- file helpers
+
+_QUERY_KEYS = ("query", "anchor", "question", "q")
+_POS_KEYS = ("positives", "positive", "pos", "document", "answer")
+
+
+def read_pairs(path) -> List[Dict[str, Any]]:
+    """Read query/positive JSONL rows and group them by query text: ``[{"query", "positives", **extra}]``.
+    Accepted keys: query|anchor|question|q and positives (list) | positive | pos | document | answer."""
+    groups: Dict[str, Dict[str, Any]] = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            qk = next((k for k in _QUERY_KEYS if k in r), None)
+            pk = next((k for k in _POS_KEYS if k in r), None)
+            if qk is None or pk is None:
+                raise ValueError(f"{path}:{n}: need a query key {_QUERY_KEYS} and a positive key {_POS_KEYS}")
+            ps = r[pk] if isinstance(r[pk], list) else [r[pk]]
+            g = groups.setdefault(r[qk], {"query": r[qk], "positives": [],
+                                          **{k: v for k, v in r.items() if k not in (qk, pk, "negatives")}})
+            g["positives"] += [p for p in ps if p not in g["positives"]]
+    return list(groups.values())
+
+
+def read_corpus(path) -> List[str]:
+    """Corpus texts from ``.txt`` (one per line) or JSONL (``text`` with optional ``title``, BEIR-style)."""
+    path = Path(path)
+    if path.suffix == ".txt":
+        return [l.rstrip("\n") for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                t = r.get("text", "")
+                out.append(f"{r['title']}. {t}" if r.get("title") else t)
+    return out
+
+
+def write_mined(records: List[Dict[str, Any]], out_path, *, name: Optional[str] = None,
+                instruction: Optional[str] = None, mining: Optional[Dict[str, Any]] = None) -> Path:
+    """Write ``records`` as JSONL and a data spec ``<out stem>.yaml`` next to it; returns the spec path."""
+    import yaml
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    spec = {"name": name or out_path.stem, "type": "retrieval", "format": "jsonl", "path": out_path.name,
+            "fields": {"query": "query", "positives": "positives", "negatives": "negatives",
+                       "negative_scores": "negative_scores", "positive_scores": "positive_scores"},
+            "instruction": instruction, "num_examples": len(records), "mining": mining or {}}
+    spec_path = out_path.with_suffix(".yaml")
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return spec_path
+
+
+def mine_file(teacher, input_path, out_path, *, corpus_path=None, rule: Optional[MiningRule] = None,
+              instruction: Optional[str] = None, **kw) -> Dict[str, Any]:
+    """Read pairs (and a corpus), mine, write JSONL + spec. Returns the stats dict."""
+    rule = rule or MiningRule()
+    rows = read_pairs(input_path)
+    corpus = read_corpus(corpus_path) if corpus_path else None
+    stats: Dict[str, Any] = {}
+    recs = mine_hard_negatives(teacher, [r["query"] for r in rows], [r["positives"] for r in rows], corpus,
+                               rule=rule, instruction=instruction, stats=stats, **kw)
+    for rec, row in zip(recs, rows):
+        for k, v in row.items():
+            rec.setdefault(k, v)
+    mining = {"teacher": getattr(teacher, "name", ""), **rule.to_dict(), "input": str(input_path),
+              "corpus": str(corpus_path) if corpus_path else "positives pool", "faiss": bool(kw.get("use_faiss")),
+              "positive_reference": "min positive score", **stats}
+    stats["spec"] = str(write_mined(recs, out_path, instruction=instruction, mining=mining))
+    return stats

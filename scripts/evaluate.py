@@ -1,0 +1,82 @@
+#!/usr/bin/env python
+"""Evaluate an embedding model on a BEIR folder or an eval suite; prints one JSON line.
+
+    python scripts/evaluate.py MODEL --beir data_specs/eval/beir/cisi [--instruction "..."]
+    python scripts/evaluate.py MODEL --suite data_specs/eval/demo.yaml [--table out.md] [--chart out.png]
+
+MODEL: a sentence-transformers folder, ``bm25``, or an nvembed model folder (AutoModel with ``.encode``); see
+``nvembed.eval.encoders.load_encoder``. Runs offline (HF_HUB_OFFLINE=1 is set unless already defined).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", help="model folder, or 'bm25'")
+    g = ap.add_mutually_exclusive_group(required=True)
+    g.add_argument("--beir", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv)")
+    g.add_argument("--suite", help="eval suite YAML (e.g. data_specs/eval/demo.yaml)")
+    ap.add_argument("--instruction", default=None, help="query instruction for --beir")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--max-queries", type=int, default=None)
+    ap.add_argument("--max-corpus", type=int, default=None)
+    ap.add_argument("--max-doc-chars", type=int, default=None)
+    ap.add_argument("--tasks", nargs="*", default=None, help="suite: only these task names")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--name", default=None, help="model name in outputs")
+    ap.add_argument("--instructions", dest="use_instructions", action="store_true", default=None,
+                    help="force instruction prompts on (sentence-transformers models)")
+    ap.add_argument("--no-instructions", dest="use_instructions", action="store_false",
+                    help="encode queries without instruction prompts (e.g. all-MiniLM)")
+    ap.add_argument("--max-seq-length", type=int, default=None)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--table", default=None, help="suite: also write a markdown results table here")
+    ap.add_argument("--chart", default=None, help="suite: also write a PNG bar chart here")
+    ap.add_argument("--progress", action="store_true")
+    a = ap.parse_args(argv)
+
+    from nvembed.eval.encoders import load_encoder
+
+    t0 = time.perf_counter()
+    model = load_encoder(a.model, name=a.name, use_instructions=a.use_instructions,
+                         max_seq_length=a.max_seq_length, device=a.device)
+    if a.beir:
+        from nvembed.eval.retrieval import evaluate_retrieval
+
+        res = evaluate_retrieval(model, a.beir, instruction=a.instruction, split=a.split, max_queries=a.max_queries,
+                                 max_corpus=a.max_corpus, max_doc_chars=a.max_doc_chars, batch_size=a.batch_size,
+                                 show_progress=a.progress)
+        out = {"model": model.name, "dataset": Path(a.beir).name, **{k: round(v, 5) if isinstance(v, float) else v
+                                                                       for k, v in res.items()}}
+    else:
+        from nvembed.eval.suite import format_results_table, run_suite, write_bar_chart
+
+        res = run_suite(model, a.suite, tasks=a.tasks, batch_size=a.batch_size, show_progress=a.progress,
+                        log=lambda m: print(m, file=sys.stderr))
+        if a.table:
+            Path(a.table).write_text(format_results_table({model.name: res}) + "\n", encoding="utf-8")
+        if a.chart:
+            write_bar_chart({model.name: res}, a.chart, title=f"{res['suite']} suite")
+        out = {"model": model.name, "suite": res["suite"],
+               **{f"{t}/{k}": round(v, 5) for t, r in res["tasks"].items() for k, v in r.items()
+                  if isinstance(v, float) and k not in ("main_score", "seconds")},
+               **{f"avg/{k}": round(v, 5) for k, v in res["average"].items()}}
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+"""Mine hard negatives for query/positive pairs with a teacher embedder (positive-aware, NV-Retriever rules).
+
+    python scripts/mine_hard_negatives.py --teacher TEACHER_DIR --input pairs.jsonl [--corpus corpus.jsonl] \
+        --rule topk_percpos --margin 0.95 --range 0 50 --num-negatives 4 --out mined/train.jsonl \
+        [--cache .cache/emb] [--faiss] [--instruction "Given a question, retrieve passages that answer it"]
+
+Input JSONL rows: ``{"query": ..., "positive": ...}`` or ``{"query": ..., "positives": [...]}`` (rows with the same
+query are merged). Corpus: JSONL with ``text`` (+``title``) or ``.txt`` lines; default = the pool of positives.
+Writes ``--out`` (JSONL: query, positives, negatives, negative_scores, positive_scores) and ``<out>.yaml`` (spec).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", required=True, help="teacher model folder (see nvembed.eval.encoders.load_encoder)")
+    ap.add_argument("--input", "--queries", dest="input", required=True, help="query/positive JSONL")
+    ap.add_argument("--corpus", default=None, help="candidate documents (JSONL or .txt); default: positives pool")
+    ap.add_argument("--out", required=True, help="output JSONL (spec YAML written next to it)")
+    ap.add_argument("--rule", default="topk_percpos", choices=["topk_percpos", "topk_marginpos", "topk_abs", "topk"])
+    ap.add_argument("--margin", type=float, default=None,
+                    help="rule parameter (defaults: percpos 0.95, marginpos 0.05, abs 0.7)")
+    ap.add_argument("--range", nargs=2, type=int, default=[0, 50], metavar=("MIN", "MAX"),
+                    help="candidate rank window [MIN, MAX) after removing positives; MAX<=0 = no upper bound")
+    ap.add_argument("--num-negatives", type=int, default=4)
+    ap.add_argument("--sampling", default="top", choices=["top", "random"])
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--instruction", default=None, help="teacher query instruction")
+    ap.add_argument("--no-instructions", action="store_true", help="teacher ignores instructions (e.g. MiniLM)")
+    ap.add_argument("--cache", default=None, help="embedding cache folder (resumable)")
+    ap.add_argument("--faiss", action="store_true", help="use FAISS IndexFlatIP (pip install faiss-cpu)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--query-chunk-size", type=int, default=512)
+    ap.add_argument("--doc-chunk-size", type=int, default=16384)
+    ap.add_argument("--max-seq-length", type=int, default=None)
+    ap.add_argument("--device", default=None)
+    a = ap.parse_args(argv)
+
+    from nvembed.eval.encoders import load_encoder
+    from nvembed.mining import MiningRule, mine_file
+
+    rule = MiningRule(rule=a.rule, margin=a.margin, range_min=a.range[0],
+                      range_max=a.range[1] if a.range[1] > 0 else None, num_negatives=a.num_negatives,
+                      sampling=a.sampling, seed=a.seed)
+    teacher = load_encoder(a.teacher, use_instructions=False if a.no_instructions else None,
+                           max_seq_length=a.max_seq_length, device=a.device)
+    stats = mine_file(teacher, a.input, a.out, corpus_path=a.corpus, rule=rule, instruction=a.instruction,
+                      batch_size=a.batch_size, cache_dir=a.cache, use_faiss=a.faiss,
+                      query_chunk_size=a.query_chunk_size, doc_chunk_size=a.doc_chunk_size)
+    print(json.dumps({"out": a.out, **stats}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
