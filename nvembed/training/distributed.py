@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
+
 import torch
 import torch.distributed as dist
 
@@ -34,3 +36,30 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
 
 def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
+
+
+@contextmanager
+def sync_context(accelerator, model, sync: bool):
+    """One backward of a multi-backward optimizer step (gradient accumulation, GradCache chunks).
+
+    ``sync=False``: accumulate locally. Under DDP that is ``model.no_sync()``; under DeepSpeed it sets accelerate's
+    ``sync_gradients`` flag, which ``accelerator.backward`` passes to the engine as the gradient-accumulation
+    boundary, so the engine treats the backward as a micro-step and only steps (clip, optimizer, scheduler, zero
+    grad) after the backward with ``sync=True``. The flag is restored afterwards: accelerate's optimizer wrapper
+    skips ``step()`` while it is False.
+    """
+    from accelerate.utils import DistributedType
+
+    state = accelerator.gradient_state
+    before = state.sync_gradients
+    ctx = nullcontext()
+    if not sync:
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            state._set_sync_gradients(False)
+        elif hasattr(model, "no_sync") and accelerator.num_processes > 1:
+            ctx = model.no_sync()
+    try:
+        with ctx:
+            yield
+    finally:
+        state._set_sync_gradients(before)

@@ -1,0 +1,233 @@
+"""DeepSpeed (ZeRO-1/2/3, offload) glue for the trainer, used only when accelerate runs under DeepSpeed.
+
+Launch: ``accelerate launch --config_file recipes/accelerate/zero3.yaml train/train.py ...`` (see
+``recipes/accelerate/README.md``). Every function here is a no-op / plain fallback without DeepSpeed.
+
+Design
+    * The engine is built once, in the first stage (``accelerate.prepare(model, optimizer, scheduler)``): DeepSpeed
+      needs model and optimizer together. Each later stage gets a *fresh* optimizer by resetting the engine's
+      optimizer state in place (moments and step zeroed, lr / weight decay / clipping of the new stage) and a new
+      LR schedule attached to the engine. Re-initialising an engine on an already partitioned module would stack a
+      second set of ZeRO hooks on it.
+    * Gradient accumulation is the trainer's own loop: DeepSpeed's ``gradient_accumulation_steps`` is forced to 1
+      and every backward but the last of an optimizer step runs with accelerate's ``sync_gradients`` False
+      (``distributed.sync_context``), which accelerate passes to the engine as the accumulation boundary. So the
+      engine steps exactly once per optimizer step, whatever mixes micro-batches and GradCache chunks.
+    * Checkpoints: ``accelerator.save_state`` (sharded model + optimizer + scheduler + per-rank RNG) into the
+      trainer's temporary folder, then the trainable weights (gathered) as safetensors, ``state.json`` last, then the
+      rename. Resume: ``accelerator.load_state``.
+    * ZeRO-3: parameters are gathered (``deepspeed.zero.GatheredParameters``) for the trainable weights of a
+      checkpoint and for the final export, so ``DIR/final`` holds full weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from typing import Any, Dict, Iterable, List, Optional
+
+import torch
+
+DS_DIR = "deepspeed"
+
+
+def is_deepspeed(acc) -> bool:
+    from accelerate.utils import DistributedType
+
+    return acc is not None and acc.distributed_type == DistributedType.DEEPSPEED
+
+
+def zero_stage(acc) -> int:
+    if not is_deepspeed(acc):
+        return -1
+    return int(acc.state.deepspeed_plugin.zero_stage or 0)
+
+
+def engine_of(acc):
+    wrapped = getattr(acc, "deepspeed_engine_wrapped", None)
+    return wrapped.engine if wrapped is not None else None
+
+
+# ---- model / optimizer --------------------------------------------------------------------------------------------
+def prepare_model(acc, embedder):
+    """Setup-time model preparation: DeepSpeed wraps model and optimizer together, in the first stage."""
+    if is_deepspeed(acc):
+        return embedder.to(acc.device)
+    return acc.prepare_model(embedder)
+
+
+def _fill_config(acc, embedder, st) -> None:
+    cfg = acc.state.deepspeed_plugin.deepspeed_config
+    cfg["train_micro_batch_size_per_gpu"] = int(st.batch_size)
+    cfg["gradient_accumulation_steps"] = 1  # the trainer accumulates (sync_context): one engine step per step
+    cfg.pop("train_batch_size", None)
+    cfg["gradient_clipping"] = float(st.max_grad_norm)
+    acc.gradient_accumulation_steps = 1
+    h = embedder.hidden_size
+    zero = cfg.setdefault("zero_optimization", {})
+    for key, value in (("reduce_bucket_size", h * h), ("stage3_prefetch_bucket_size", int(0.9 * h * h)),
+                       ("stage3_param_persistence_threshold", 10 * h)):
+        if zero.get(key) == "auto":
+            zero[key] = value
+
+
+def prepare_stage(trainer, st, total: int):
+    """(optimizer, scheduler) for a stage under DeepSpeed; builds the engine on first use, else resets it."""
+    from accelerate.utils import DeepSpeedSchedulerWrapper
+    from transformers import get_scheduler
+
+    acc = trainer.accelerator
+    engine = engine_of(acc)
+    if engine is None:
+        _fill_config(acc, trainer.embedder, st)
+        params = [p for p in trainer.embedder.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=st.learning_rate, weight_decay=st.weight_decay)
+        scheduler = get_scheduler(st.lr_scheduler, optimizer, num_warmup_steps=st.warmup_steps,
+                                  num_training_steps=total)
+        trainer.model, optimizer, scheduler = acc.prepare(trainer.embedder, optimizer, scheduler)
+        trainer._ds_optimizer = optimizer
+        return optimizer, scheduler
+    # a later stage: fresh optimizer state and schedule on the same engine
+    zero_opt = engine.optimizer
+    inner = getattr(zero_opt, "optimizer", zero_opt)
+    for s in inner.state.values():
+        for k, v in s.items():
+            if torch.is_tensor(v):
+                v.zero_()
+            elif k == "step":
+                s[k] = 0
+    for g in inner.param_groups:
+        g["lr"] = g["initial_lr"] = st.learning_rate
+        g["weight_decay"] = st.weight_decay
+    if hasattr(zero_opt, "clip_grad"):
+        zero_opt.clip_grad = float(st.max_grad_norm)
+    engine._config.gradient_clipping = float(st.max_grad_norm)
+    sched = get_scheduler(st.lr_scheduler, inner, num_warmup_steps=st.warmup_steps, num_training_steps=total)
+    engine.lr_scheduler = sched
+    scheduler = DeepSpeedSchedulerWrapper(sched, trainer._ds_optimizer)
+    acc._schedulers = [s for s in acc._schedulers if not isinstance(s, DeepSpeedSchedulerWrapper)] + [scheduler]
+    return trainer._ds_optimizer, scheduler
+
+
+def discard_grads(acc) -> None:
+    """Drop gradients accumulated by engine micro-steps of a skipped (non-finite) step."""
+    engine = engine_of(acc)
+    if engine is not None:
+        engine.zero_grad()  # module .grad only
+        opt = engine.optimizer
+        if hasattr(opt, "zero_grad"):
+            opt.zero_grad(set_to_none=True)  # ZeRO-3: micro_step_id = 0 and the "epilogue ran" flag cleared
+        if hasattr(opt, "micro_step_id"):  # so the next backward overwrites (copies) the partitioned gradients
+            opt.micro_step_id = 0
+        if hasattr(opt, "_epilogue_ran_this_backward"):
+            opt._epilogue_ran_this_backward = False
+
+
+def grad_norm(acc) -> Optional[float]:
+    engine = engine_of(acc)
+    if engine is None:
+        return None
+    n = engine.get_global_grad_norm()
+    return float(n) if n is not None else None
+
+
+# ---- ZeRO-3 gathering ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def gathered(acc, params: Iterable[torch.nn.Parameter]):
+    """Full (gathered) parameters inside the block under ZeRO-3 on every rank (a collective); else a no-op.
+    Changes made inside are discarded (read-only)."""
+    if zero_stage(acc) != 3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([p for p in params if hasattr(p, "ds_id")], modifier_rank=None):
+        yield
+
+
+def trainable_state_dict(acc, embedder) -> Dict[str, torch.Tensor]:
+    """``Embedder.trainable_state_dict`` with full tensors under ZeRO-3 (call on every rank)."""
+    trainable = [p for p in embedder.parameters() if p.requires_grad]
+    with gathered(acc, trainable):
+        return {k: v.clone() for k, v in embedder.trainable_state_dict().items()}
+
+
+def export_context(acc, model):
+    """Context for the final export: all parameters gathered under ZeRO-3 (enter on every rank)."""
+    return gathered(acc, acc.unwrap_model(model).parameters())
+
+
+def load_weights(acc, embedder, folder: str) -> None:
+    """``Embedder.load_weights`` that also works on ZeRO-3 partitioned parameters (call on every rank)."""
+    params = [p for p in embedder.parameters() if hasattr(p, "ds_id")]
+    if zero_stage(acc) != 3 or not params:  # not partitioned (yet): every rank loads its own full copy
+        embedder.load_weights(folder)
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+        if acc.is_main_process:
+            embedder.load_weights(folder)
+
+
+# ---- checkpoints --------------------------------------------------------------------------------------------------
+def save(trainer, folder: str, optimizer, state: Dict[str, Any]) -> None:
+    """Atomic checkpoint under DeepSpeed (every rank calls it): the trainer's protocol with the sharded state."""
+    from . import checkpoint as ckpt
+
+    acc = trainer.accelerator
+    parent = os.path.dirname(folder.rstrip("/"))
+    tmp = os.path.join(parent, f".tmp-{os.path.basename(folder)}-ds")
+    if acc.is_main_process:
+        os.makedirs(parent, exist_ok=True)
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    acc.wait_for_everyone()
+    if optimizer is not None:  # optimizer/scheduler/model shards + per-rank RNG (a collective)
+        acc.save_state(os.path.join(tmp, DS_DIR))
+    weights = trainable_state_dict(acc, trainer.embedder)
+    if acc.is_main_process:
+        trainer.embedder.save_weights(tmp, weights)
+        with open(os.path.join(tmp, "rng.json"), "w") as f:
+            json.dump(ckpt.rng_state(), f)
+        ckpt.write_json_atomic(os.path.join(tmp, ckpt.STATE), dict(state, saved_at=time.time(), deepspeed=True))
+        if os.path.exists(folder):
+            old = f"{tmp}.old"
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+        if trainer.cfg.keep_last > 0:
+            for stale in ckpt.checkpoints(parent)[:-trainer.cfg.keep_last]:
+                shutil.rmtree(stale, ignore_errors=True)
+    acc.wait_for_everyone()
+
+
+def load(trainer, folder: str) -> Dict[str, Any]:
+    """Resume from a checkpoint written by :func:`save` (every rank calls it)."""
+    from . import checkpoint as ckpt
+
+    state = ckpt.read_state(folder)
+    if state is None:
+        raise ckpt.RunDirError(f"{folder} is not a complete checkpoint (no {ckpt.STATE})")
+    ds_dir = os.path.join(folder, DS_DIR)
+    if os.path.isdir(ds_dir):
+        trainer.accelerator.load_state(ds_dir)
+    else:  # a checkpoint written without DeepSpeed: weights only, fresh optimizer
+        load_weights(trainer.accelerator, trainer.embedder, folder)
+    return state
+
+
+def parameter_partition(model) -> List[Dict[str, Any]]:
+    """Per-parameter ZeRO-3 bookkeeping (name, full numel, local partition numel): for tests and diagnostics."""
+    rows = []
+    for name, p in model.named_parameters():
+        if hasattr(p, "ds_numel"):
+            rows.append({"name": name, "full": int(p.ds_numel), "local": int(p.ds_tensor.numel()),
+                         "persist": bool(getattr(p, "ds_persist", False))})
+    return rows

