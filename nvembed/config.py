@@ -163,7 +163,11 @@ class EvalConfig:
     max_length: int = 256
     """Token limit per text at evaluation."""
     baselines: List[str] = field(default_factory=list)
-    """Reference rows for the results table: ``bm25`` and/or sentence-transformers model paths."""
+    """Reference rows for the results table: ``bm25`` and/or sentence-transformers folders, optionally named
+    ``NAME=PATH``; ``pkg://PACKAGE/SUBDIR`` finds a folder inside an installed package."""
+    truncate_dims: List[int] = field(default_factory=list)
+    """Also evaluate with embeddings truncated to the first d dimensions and re-normalised, for each d here
+    (Matryoshka, see ``loss.matryoshka_dims``); reported as extra rows ``<label>@<d>``, e.g. ``after_stage2@256``."""
 
 
 @dataclass
@@ -333,6 +337,10 @@ def validate(raw: Any) -> RunConfig:
         if name not in cfg.stage_defs:
             raise ConfigError(f"'stages' names '{name}', which is not defined under 'stage_defs' "
                               f"(defined: {', '.join(cfg.stage_defs) or 'none'})")
+    for key, dims in (("loss.matryoshka_dims", cfg.loss.matryoshka_dims),
+                      ("eval.truncate_dims", cfg.eval.truncate_dims)):
+        if any(d < 1 for d in dims):
+            raise ConfigError(f"'{key}' must list dimensions >= 1, got {list(dims)}")
     m = cfg.model
     if not (m.name_or_path or m.random_init or m.gguf_file):
         raise ConfigError("Set 'model.name_or_path' (hub id or folder), 'model.gguf_file', or 'model.random_init'")

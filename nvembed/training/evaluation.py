@@ -1,6 +1,8 @@
 """Evaluation during training: before the first stage, after each stage, and the final results table.
 
-Results go to ``DIR/eval/<label>.json``; a resumed run reuses what was already measured. Reference rows
+Results go to ``DIR/eval/<label>.json``; a resumed run reuses what was already measured. With
+``eval.truncate_dims`` each label is also measured on embeddings truncated to d dims (``DIR/eval/<label>@<d>.json``,
+rows ``<label>@<d>`` in the table). Reference rows
 (``eval.baselines``: ``bm25`` or a sentence-transformers folder such as all-MiniLM-L6-v2) are measured once.
 The table is printed and saved as ``DIR/eval/results.{json,md,png}``.
 """
@@ -42,22 +44,58 @@ def _suites(cfg) -> List[str]:
     return out
 
 
-def _run_suites(encoder, cfg, log) -> Dict[str, Any]:
-    from ..eval.suite import run_suite
+class _TaskMemo:
+    """Encodes each (texts, instruction) once: the truncated evaluations of a task reuse the full embeddings.
+    Cleared after every task, so it never holds more than one task's vectors."""
 
-    merged: Dict[str, Any] = {"model": encoder.name, "tasks": {}, "average": {}, "seconds": 0.0}
+    def __init__(self, encoder):
+        self.encoder, self.name, self.cache = encoder, encoder.name, {}
+
+    def encode(self, texts, *, instruction: Optional[str] = None, batch_size: int = 32,
+               show_progress: bool = False) -> np.ndarray:
+        key = (instruction, tuple(texts))
+        if key not in self.cache:
+            self.cache[key] = np.asarray(self.encoder.encode(list(texts), instruction=instruction,
+                                                             batch_size=batch_size, show_progress=show_progress))
+        return self.cache[key].copy()  # evaluators may modify what they get
+
+
+def _run_suites(encoder, cfg, log, truncate_dims=()) -> Dict[str, Any]:
+    """Every suite of ``cfg.eval`` on ``encoder``. With ``truncate_dims``, returns ``{None: full result, d: result
+    with embeddings truncated to d dims}``; without, the full result."""
+    from ..eval.encoders import BM25Retriever, TruncatedEncoder
+    from ..eval.suite import load_suite, run_task
+
+    dims = list(truncate_dims)
+    memo = encoder if not dims or isinstance(encoder, BM25Retriever) else _TaskMemo(encoder)
+    encs = {None: memo, **{d: TruncatedEncoder(memo, d, name=f"{encoder.name}@{d}") for d in dims}}
+    merged = {d: {"model": e.name, "tasks": {}, "average": {}, "seconds": 0.0} for d, e in encs.items()}
     for path in _suites(cfg):
-        res = run_suite(encoder, path, batch_size=cfg.eval.batch_size, log=log)
-        merged["tasks"].update(res["tasks"])
-        merged["seconds"] += res["seconds"]
-    by_type: Dict[str, List[float]] = {}
-    for r in merged["tasks"].values():
-        if r.get("main_score") is not None:
-            by_type.setdefault(r["type"], []).append(r["main_score"])
-    merged["average"] = {t: float(np.mean(v)) for t, v in by_type.items()}
-    if by_type:
-        merged["average"]["all"] = float(np.mean([x for v in by_type.values() for x in v]))
-    return merged
+        suite = load_suite(path)
+        for task in suite["tasks"]:
+            for d, enc in encs.items():
+                res = run_task(enc, task, suite["root"], batch_size=cfg.eval.batch_size or suite["batch_size"],
+                               seed=suite["seed"])
+                merged[d]["tasks"][task["name"]] = res
+                merged[d]["seconds"] += res.get("seconds", 0.0)
+                if log:
+                    log(f"[{suite['name']}] {task['name']}{'' if d is None else f'@{d}'}: {res}")
+            if isinstance(memo, _TaskMemo):
+                memo.cache.clear()
+    for m in merged.values():
+        by_type: Dict[str, List[float]] = {}
+        for r in m["tasks"].values():
+            if r.get("main_score") is not None:
+                by_type.setdefault(r["type"], []).append(r["main_score"])
+        m["average"] = {t: float(np.mean(v)) for t, v in by_type.items()}
+        if by_type:
+            m["average"]["all"] = float(np.mean([x for v in by_type.values() for x in v]))
+    return merged if dims else merged[None]
+
+
+def _labels(label: str, cfg) -> Dict[Any, str]:
+    """Result label per truncation: ``{None: label, 256: label@256, ...}``."""
+    return {None: label, **{int(d): f"{label}@{int(d)}" for d in cfg.eval.truncate_dims}}
 
 
 def maybe_evaluate(trainer, label: str) -> Optional[Dict[str, Any]]:
@@ -66,22 +104,32 @@ def maybe_evaluate(trainer, label: str) -> Optional[Dict[str, Any]]:
         return None
     acc = trainer.accelerator
     folder = os.path.join(trainer.out, "eval")
-    path = os.path.join(folder, f"{label}.json")
+    labels = _labels(label, cfg)
+    paths = {d: os.path.join(folder, f"{lab}.json") for d, lab in labels.items()}
     result = None
-    if os.path.isfile(path):
-        with open(path) as f:
+    # a resumed run reuses what was measured; truncations added later are measured then
+    if all(os.path.isfile(p) for p in paths.values()):
+        with open(paths[None]) as f:
             result = json.load(f)
     elif acc.is_main_process:
         trainer._log_line(f"evaluating ({label})")
         enc = EmbedderEncoder(acc.unwrap_model(trainer.model), label, cfg.eval.max_length, acc.autocast)
-        result = _run_suites(enc, cfg, None)
+        dims = [d for d in labels if d is not None]
+        results = _run_suites(enc, cfg, None, dims) if dims else {None: _run_suites(enc, cfg, None)}
         os.makedirs(folder, exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(path + ".tmp", path)
-        trainer._log_line(f"{label}: average {result['average']} ({result['seconds']:.0f}s)")
-        trainer.tracker.log({"event": "eval", "label": label, "global_step": trainer.global_step,
-                             **{f"eval/{k}": v for k, v in result["average"].items()}})
+        for d, res in results.items():
+            res["model"] = labels[d]
+            if os.path.isfile(paths[d]):
+                continue
+            with open(paths[d] + ".tmp", "w") as f:
+                json.dump(res, f, indent=2)
+            os.replace(paths[d] + ".tmp", paths[d])
+            trainer._log_line(f"{labels[d]}: average {res['average']} ({res['seconds']:.0f}s)")
+            prefix = "eval" if d is None else f"eval@{d}"
+            trainer.tracker.log({"event": "eval", "label": labels[d], "global_step": trainer.global_step,
+                                 **{f"{prefix}/{k}": v for k, v in res["average"].items()}})
+        with open(paths[None]) as f:
+            result = json.load(f)
     acc.wait_for_everyone()
     return result
 
@@ -89,7 +137,10 @@ def maybe_evaluate(trainer, label: str) -> Optional[Dict[str, Any]]:
 def _baseline(trainer, spec: str) -> Dict[str, Any]:
     from ..eval.encoders import load_encoder
 
-    name = "bm25" if spec.lower() == "bm25" else os.path.basename(os.path.normpath(spec))
+    name, _, target = spec.partition("=") if "=" in spec else ("", "", spec)
+    spec = target
+    if not name:
+        name = "bm25" if spec.lower() == "bm25" else os.path.basename(os.path.normpath(spec))
     if name in ("model", ""):
         name = os.path.basename(os.path.dirname(os.path.normpath(spec)))
     path = os.path.join(trainer.out, "eval", f"baseline_{name}.json")
@@ -130,11 +181,12 @@ def write_report(trainer) -> Optional[str]:
     for spec in cfg.eval.baselines:
         res = _baseline(trainer, spec)
         rows[res["model"]] = res
-    for label in ["untrained"] + [f"after_{s}" for s in cfg.stages]:
-        p = os.path.join(folder, f"{label}.json")
-        if os.path.isfile(p):
-            with open(p) as f:
-                rows[label] = json.load(f)
+    for base in ["untrained"] + [f"after_{s}" for s in cfg.stages]:
+        for label in _labels(base, cfg).values():  # each label, then its truncations (label@d)
+            p = os.path.join(folder, f"{label}.json")
+            if os.path.isfile(p):
+                with open(p) as f:
+                    rows[label] = json.load(f)
     table = format_results_table(rows)
     with open(os.path.join(folder, "results.json"), "w") as f:
         json.dump(rows, f, indent=2)
