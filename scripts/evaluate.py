@@ -3,6 +3,7 @@
 
     python scripts/evaluate.py MODEL --beir data_specs/eval/beir/cisi [--instruction "..."]
     python scripts/evaluate.py MODEL --suite data_specs/eval/demo.yaml [--table out.md] [--chart out.png]
+    python scripts/evaluate.py MODEL --beir data_specs/eval/beir/adi --truncate-dim 256   # Matryoshka: first 256 dims
 
 MODEL: a sentence-transformers folder, ``bm25``, or an nvembed model folder (AutoModel with ``.encode``); see
 ``nvembed.eval.encoders.load_encoder``. Runs offline (HF_HUB_OFFLINE=1 is set unless already defined).
@@ -44,6 +45,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--table", default=None, help="suite: also write a markdown results table here")
     ap.add_argument("--chart", default=None, help="suite: also write a PNG bar chart here")
+    ap.add_argument("--truncate-dim", type=int, default=None, metavar="D",
+                    help="evaluate the first D embedding dimensions, re-normalised (Matryoshka)")
     ap.add_argument("--progress", action="store_true")
     a = ap.parse_args(argv)
 
@@ -52,6 +55,14 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     model = load_encoder(a.model, name=a.name, use_instructions=a.use_instructions,
                          max_seq_length=a.max_seq_length, device=a.device)
+    if a.truncate_dim is not None:
+        from nvembed.eval.encoders import BM25Retriever, TruncatedEncoder
+
+        if isinstance(model, BM25Retriever):
+            ap.error("--truncate-dim needs an embedding model, not bm25")
+        if a.truncate_dim < 1:
+            ap.error("--truncate-dim must be >= 1")
+        model = TruncatedEncoder(model, a.truncate_dim)
     if a.beir:
         from nvembed.eval.retrieval import evaluate_retrieval
 
@@ -73,6 +84,8 @@ def main(argv=None) -> int:
                **{f"{t}/{k}": round(v, 5) for t, r in res["tasks"].items() for k, v in r.items()
                   if isinstance(v, float) and k not in ("main_score", "seconds")},
                **{f"avg/{k}": round(v, 5) for k, v in res["average"].items()}}
+    if a.truncate_dim is not None:
+        out["truncate_dim"] = a.truncate_dim
     out["seconds"] = round(time.perf_counter() - t0, 2)
     print(json.dumps(out))
     return 0

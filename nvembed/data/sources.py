@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -68,6 +69,32 @@ def _texts(value: Any, field: str) -> List[str]:
     return [_text(v, f"{field}[{i}]") for i, v in enumerate(items)]
 
 
+def _scores(value: Any, field: str, n: int) -> List[float]:
+    """Teacher scores (a number or a list) that must align one-to-one with ``n`` texts of another column."""
+    if value is None:
+        value = []
+    if isinstance(value, str) and value.startswith("[") and value.endswith("]"):  # a JSON list in a CSV cell
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass
+    items = value if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for i, v in enumerate(items):
+        try:
+            if isinstance(v, bool):
+                raise TypeError
+            x = float(v)
+        except (TypeError, ValueError):
+            raise RowError(f"{field}[{i}]", f"score is not a number: {v!r}") from None
+        if not math.isfinite(x):  # one NaN would turn the whole KL term into NaN and skip the step
+            raise RowError(f"{field}[{i}]", f"score is not finite: {v!r}")
+        out.append(x)
+    if len(out) != n:
+        raise RowError(field, f"{len(out)} scores for {n} texts (scores must align with the texts)")
+    return out
+
+
 def normalize(row: Dict[str, Any], spec: DataSpec, label_names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Raw source row -> canonical row of the spec's task. Raises RowError naming the (source) field."""
     out = _normalize(row, spec, label_names)
@@ -99,6 +126,11 @@ def _normalize(row: Dict[str, Any], spec: DataSpec, label_names: Optional[Sequen
                "negative_ids": _texts(col("negative_ids", False), f.negative_ids) if f.negative_ids else []}
         if not out["positives"] and not out["positive_ids"]:
             raise RowError(f.positive or f.positive_ids or "positive", "no positive")
+        if f.positive_scores:  # the spec guarantees both score columns, each aligned with one text/id column
+            pos = out["positives"] or out["positive_ids"]
+            neg = out["negatives"] or out["negative_ids"]
+            out["positive_scores"] = _scores(col("positive_scores"), f.positive_scores, len(pos))
+            out["negative_scores"] = _scores(col("negative_scores", False), f.negative_scores, len(neg))
         return out
     if spec.task == "sts":
         score = col("score")

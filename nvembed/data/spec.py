@@ -58,6 +58,10 @@ class FieldsSpec:
     """Column with id(s) of positives in ``source.corpus``."""
     negative_ids: Optional[str] = None
     """Column with ids of hard negatives in ``source.corpus``."""
+    positive_scores: Optional[str] = None
+    """Column with teacher scores aligned with the positives column (a number or a list; score distillation)."""
+    negative_scores: Optional[str] = None
+    """Column with teacher scores aligned with the hard-negatives column (a number or a list)."""
     text: Optional[str] = None
     label: Optional[str] = None
     label_text: Optional[str] = None
@@ -197,7 +201,25 @@ def parse_spec(raw: Any, file: str) -> DataSpec:
             raise SpecError(f"{file}: task '{spec.task}' needs 'fields.{' or fields.'.join(group)}'")
     if (flds.positive_ids or flds.negative_ids) and not src.corpus:
         raise SpecError(f"{file}: 'fields.positive_ids'/'fields.negative_ids' need 'source.corpus'")
+    if flds.positive_scores or flds.negative_scores:
+        _check_scores(spec, file)
     return spec
+
+
+def _check_scores(spec: DataSpec, file: str) -> None:
+    f = spec.fields
+    if spec.task != "retrieval":
+        raise SpecError(f"{file}: 'fields.positive_scores'/'fields.negative_scores' are for task 'retrieval'")
+    # a teacher distribution needs a score for the positive and for every negative
+    if not (f.positive_scores and f.negative_scores):
+        raise SpecError(f"{file}: set both 'fields.positive_scores' and 'fields.negative_scores' (or neither)")
+    # scores align with one column: with texts and ids both set, the order of the merged list is ambiguous
+    if bool(f.positive) == bool(f.positive_ids):
+        raise SpecError(f"{file}: 'fields.positive_scores' needs exactly one of 'fields.positive' or "
+                        f"'fields.positive_ids' (the column its scores align with)")
+    if bool(f.negatives) == bool(f.negative_ids):
+        raise SpecError(f"{file}: 'fields.negative_scores' needs exactly one of 'fields.negatives' or "
+                        f"'fields.negative_ids' (the column its scores align with)")
 
 
 def load_spec(path: str | Path) -> DataSpec:

@@ -25,6 +25,9 @@ class TaskData:
         self.spec, self.log = spec, log
         self.stats: Dict[str, Any] = {"rows_read": 0, "rows_skipped": 0, "skipped": Counter(), "filtered": Counter(),
                                       "examples": 0, "negatives_filled": 0}
+        self.scored = bool(spec.fields.positive_scores)
+        if self.scored:  # examples left without teacher scores because random fillers have none
+            self.stats["unscored_examples"] = 0
         self._logged = 0
         self.source = open_source(spec, self._bad)
         # rows dropped while parsing a text file are not in the table; count them as read
@@ -122,8 +125,9 @@ class TaskData:
         rows = self.source.fetch(row_ids)
         out = []
         for u, rid, row, rng in zip(units, row_ids, rows, rngs):
+            teacher = None
             if task == "retrieval":
-                q, pos, negs = self._retrieval(row, rng, n_neg)
+                q, pos, negs, teacher = self._retrieval(row, rng, n_neg)
             elif task == "sts":
                 side = int(u) % 2
                 q, pos = (row["text1"], row["text2"]) if side == 0 else (row["text2"], row["text1"])
@@ -132,22 +136,38 @@ class TaskData:
                 q, pos, negs = self._labelled(rid, row, rng, n_neg)
             out.append(Example(query=q, positive=pos, negatives=negs,
                                instruction=row.get("instruction") or self.spec.instruction,
-                               symmetric=self.spec.is_symmetric, dataset=self.spec.name))
+                               symmetric=self.spec.is_symmetric, dataset=self.spec.name, teacher_scores=teacher))
         return out
 
     def _retrieval(self, row: Dict[str, Any], rng: np.random.Generator, n_neg: int):
         pos_texts = list(row["positives"])
         if row["positive_ids"]:
             pos_texts += self.corpus.texts(row["positive_ids"])
-        pos = pos_texts[int(rng.integers(len(pos_texts)))]
+        i_pos = int(rng.integers(len(pos_texts)))
         own = list(row["negatives"])
         if row["negative_ids"]:
             own += self.corpus.texts(row["negative_ids"])
-        own = [t for t in dict.fromkeys(own) if t not in pos_texts]
+        # scores travel with their texts through de-duplication (first occurrence wins) and subsampling;
+        # the spec allows one text column per side, so scores align with pos_texts / own as built above
+        scores = row["negative_scores"] if self.scored else [None] * len(own)
+        kept: Dict[str, Any] = {}
+        for t, sc in zip(own, scores):
+            if t not in kept and t not in pos_texts:
+                kept[t] = sc
+        own = list(kept)
         cap = n_neg if self.spec.num_hard_negatives is None else min(n_neg, self.spec.num_hard_negatives)
         if len(own) > cap:
             own = [own[i] for i in sorted(rng.choice(len(own), cap, replace=False))]
-        return row["query"], pos, self._fill(own, n_neg, set(pos_texts) | {row["query"]}, rng)
+        negs = self._fill(own, n_neg, set(pos_texts) | {row["query"]}, rng)
+        teacher = None
+        if self.scored:
+            # random fillers have no teacher score: such an example gets none at all (the trainer then leaves it
+            # out of the distillation term) rather than made-up scores for the fillers
+            if len(own) >= n_neg:
+                teacher = [float(row["positive_scores"][i_pos])] + [float(kept[t]) for t in negs]
+            else:
+                self.stats["unscored_examples"] += 1
+        return row["query"], pos_texts[i_pos], negs, teacher
 
     def _random_docs(self, k: int, rng: np.random.Generator) -> List[str]:
         """k random documents of this dataset: corpus entries, else positives/texts of random rows."""

@@ -118,6 +118,27 @@ class CallableEncoder:
         return l2_normalize(out)
 
 
+class TruncatedEncoder:
+    """Matryoshka evaluation: the first ``dim`` dimensions of another encoder's embeddings, re-normalised (as
+    ``MatryoshkaLoss`` trains them and as a truncated index would store them)."""
+
+    def __init__(self, encoder: TextEncoder, dim: int, *, name: Optional[str] = None):
+        if isinstance(encoder, BM25Retriever):
+            raise TypeError("BM25 has no embeddings to truncate")
+        if int(dim) < 1:
+            raise ValueError(f"truncation dim must be >= 1, got {dim}")
+        self.encoder, self.dim = encoder, int(dim)
+        self.name = name or f"{getattr(encoder, 'name', type(encoder).__name__)}@{self.dim}"
+
+    def encode(self, texts: Sequence[str], *, instruction: Optional[str] = None, batch_size: int = 32,
+               show_progress: bool = False) -> np.ndarray:
+        emb = np.asarray(self.encoder.encode(texts, instruction=instruction, batch_size=batch_size,
+                                             show_progress=show_progress), dtype=np.float32)
+        if len(emb) and emb.shape[1] < self.dim:  # silently using all dims would report a wrong @d score
+            raise ValueError(f"{self.name}: the model's embeddings have {emb.shape[1]} dims, fewer than {self.dim}")
+        return l2_normalize(emb[:, :self.dim]) if len(emb) else emb[:, :self.dim]
+
+
 class BM25Retriever:
     """Lexical baseline (bm25s, Lucene-style BM25 with English stopwords). Not a :class:`TextEncoder`:
     retrieval evaluation calls :meth:`index` then :meth:`search`; other task types are skipped."""

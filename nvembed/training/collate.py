@@ -26,6 +26,8 @@ class Batch:
     pos_keys: torch.Tensor
     doc_keys: torch.Tensor
     teacher_scores: Optional[torch.Tensor]
+    """[B, group] teacher scores; a NaN row marks an example without them (left out of distillation). None when
+    no example of the batch has scores."""
 
     def to(self, device) -> "Batch":
         mv = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
@@ -63,18 +65,23 @@ class Collator:
             docs = [ex.positive] + list(ex.negatives[: self.k])
             d_texts.extend(docs)
             d_prompts.extend([prompt if ex.symmetric else ""] * len(docs))
-            if ex.teacher_scores is not None:
-                teacher.append(list(ex.teacher_scores[: 1 + self.k]))
+            ts = ex.teacher_scores
+            # too few scores for the group cannot be aligned with its documents: treat as unscored
+            teacher.append([float(x) for x in ts[: 1 + self.k]] if ts is not None and len(ts) >= 1 + self.k
+                           else [float("nan")] * (1 + self.k))
         tok = lambda t, p, n: tokenize(self.tokenizer, t, p, max_length=n, add_eos=self.add_eos,  # noqa: E731
                                        exclude_prompt=self.exclude)
         # keys include the prompt: the same text under another task is a different document
         pos_keys = [text_key((p if e.symmetric else "") + e.positive) for p, e in zip(q_prompts, examples)]
         doc_keys = [text_key(p + t) for p, t in zip(d_prompts, d_texts)]
+        # per-example rows, not all-or-nothing: a blended batch or one filled negative must not drop the
+        # distillation signal of the other examples
+        teacher_t = torch.tensor(teacher, dtype=torch.float32).reshape(len(examples), 1 + self.k)
         return Batch(
             queries=tok(q_texts, q_prompts, self.q_len),
             docs=tok(d_texts, d_prompts, self.d_len),
             group=1 + self.k,
             pos_keys=torch.tensor(pos_keys, dtype=torch.long),
             doc_keys=torch.tensor(doc_keys, dtype=torch.long),
-            teacher_scores=torch.tensor(teacher) if len(teacher) == len(examples) and teacher else None,
+            teacher_scores=teacher_t if bool(torch.isfinite(teacher_t).all(dim=1).any()) else None,
         )
