@@ -305,7 +305,14 @@ def test_e5_fake_server_counts_dedup_and_specs(fake_server, tmp_path):
     import yaml
 
     sts = [yaml.safe_load(p.read_text()) for p in specs if yaml.safe_load(p.read_text()).get("symmetric")]
-    assert sts and sts[0]["instruction"] == "Retrieve semantically similar text"
+    assert sts
+    # the data layer reads per-row instructions: one spec per group, the rows keep their task
+    if sts[0].get("fields", {}).get("instruction"):
+        data = Path(sts[0]["source"]["path"])
+        data = data if data.is_absolute() else specs[0].parent / data
+        assert {r["instruction"] for r in read_jsonl(data)} == {"Retrieve semantically similar text"}
+    else:
+        assert sts[0]["instruction"] == "Retrieve semantically similar text"
     llm.close()
 
 
