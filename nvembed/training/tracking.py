@@ -19,6 +19,7 @@ class Tracker:
         self.output_dir = output_dir
         self.enabled = enabled
         self._wandb = None
+        self._wandb_step = -1
         self._tb = None
         if not enabled:
             return
@@ -61,7 +62,12 @@ class Tracker:
             for k, v in numeric.items():
                 self._tb.add_scalar(k, v, step)
         if self._wandb is not None:
-            self._wandb.log(numeric, step=step)
+            # W&B steps must increase strictly: rows sharing a step (an eval after the stage's last step) go unstepped
+            if step is not None and step > self._wandb_step:
+                self._wandb.log(numeric, step=step)
+                self._wandb_step = step
+            else:
+                self._wandb.log(numeric)
 
     def close(self) -> None:
         if self._tb is not None:
