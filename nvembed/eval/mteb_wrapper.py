@@ -13,7 +13,7 @@ Instructions come from ``instructions[task_name]``, else ``default_instruction``
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 

@@ -11,7 +11,7 @@ import csv
 import json
 import random
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 from nvembed.mining.topk import chunked_topk
 

@@ -149,7 +149,6 @@ def render_model_card(config_json: Dict[str, Any], model: Dict[str, Any], run: D
     notes) or a string appended as a section."""
     ext: Dict[str, Any] = dict(extra) if isinstance(extra, dict) else {}
     text = config_json.get("text_config") or {}
-    pooling = model.get("pooling") or {}
     lora = model.get("lora") or {}
     loss = run.get("loss") or {}
     where = repo_id or ext.get("repo_id") or "PATH_OR_REPO_ID"

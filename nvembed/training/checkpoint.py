@@ -118,6 +118,12 @@ def save_checkpoint(folder: str, *, embedder, optimizer, scheduler, state: Dict[
         json.dump(rng_state(), f)
     state = dict(state, saved_at=time.time())
     write_json_atomic(os.path.join(tmp, STATE), state)  # written last: its presence means "complete"
+    publish(tmp, folder, keep_last)
+    return folder
+
+
+def publish(tmp: str, folder: str, keep_last: int = 0) -> None:
+    """Move a complete temporary checkpoint into place (replacing an older one of the same name) and prune."""
     if os.path.exists(folder):
         old = f"{tmp}.old"
         os.replace(folder, old)
@@ -126,9 +132,8 @@ def save_checkpoint(folder: str, *, embedder, optimizer, scheduler, state: Dict[
     else:
         os.replace(tmp, folder)
     if keep_last > 0:
-        for stale in checkpoints(parent)[:-keep_last]:
+        for stale in checkpoints(os.path.dirname(folder.rstrip("/")))[:-keep_last]:
             shutil.rmtree(stale, ignore_errors=True)
-    return folder
 
 
 def load_checkpoint(folder: str, *, embedder, optimizer=None, scheduler=None, restore_rng: bool = True) -> Dict[str, Any]:

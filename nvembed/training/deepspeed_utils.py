@@ -195,16 +195,7 @@ def save(trainer, folder: str, optimizer, state: Dict[str, Any]) -> None:
         with open(os.path.join(tmp, "rng.json"), "w") as f:
             json.dump(ckpt.rng_state(), f)
         ckpt.write_json_atomic(os.path.join(tmp, ckpt.STATE), dict(state, saved_at=time.time(), deepspeed=True))
-        if os.path.exists(folder):
-            old = f"{tmp}.old"
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-        if trainer.cfg.keep_last > 0:
-            for stale in ckpt.checkpoints(parent)[:-trainer.cfg.keep_last]:
-                shutil.rmtree(stale, ignore_errors=True)
+        ckpt.publish(tmp, folder, trainer.cfg.keep_last)
     acc.wait_for_everyone()
 
 
