@@ -57,28 +57,26 @@ def _text(value: Any, field: str) -> str:
     return value
 
 
-def _texts(value: Any, field: str) -> List[str]:
+def _cell_items(value: Any) -> List[Any]:
+    """A cell as a list: None -> [], a JSON list written into a CSV cell -> its items, a scalar -> [scalar]."""
     if value is None:
         return []
-    if isinstance(value, str) and value.startswith("[") and value.endswith("]"):  # a JSON list in a CSV cell
+    if isinstance(value, str) and value.startswith("[") and value.endswith("]"):
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
             pass
-    items = value if isinstance(value, (list, tuple)) else [value]
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _texts(value: Any, field: str) -> List[str]:
+    items = _cell_items(value)
     return [_text(v, f"{field}[{i}]") for i, v in enumerate(items)]
 
 
 def _scores(value: Any, field: str, n: int) -> List[float]:
     """Teacher scores (a number or a list) that must align one-to-one with ``n`` texts of another column."""
-    if value is None:
-        value = []
-    if isinstance(value, str) and value.startswith("[") and value.endswith("]"):  # a JSON list in a CSV cell
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            pass
-    items = value if isinstance(value, (list, tuple)) else [value]
+    items = _cell_items(value)
     out = []
     for i, v in enumerate(items):
         try:
@@ -99,7 +97,10 @@ def normalize(row: Dict[str, Any], spec: DataSpec, label_names: Optional[Sequenc
     """Raw source row -> canonical row of the spec's task. Raises RowError naming the (source) field."""
     out = _normalize(row, spec, label_names)
     if spec.fields.instruction:
-        value = get_path(row, spec.fields.instruction) if spec.fields.instruction in row else None
+        try:  # the column is optional per row: a missing or empty cell falls back to the spec's instruction
+            value = get_path(row, spec.fields.instruction)
+        except (KeyError, IndexError, TypeError):
+            value = None
         out["instruction"] = value.strip() if isinstance(value, str) and value.strip() else None
     return out
 

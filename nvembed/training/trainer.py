@@ -301,6 +301,9 @@ class Trainer:
                 from .gradcache import grad_cache_backward
 
                 out = grad_cache_backward(self, batch, st, loss_fn, scale=1.0 / ga, sync=sync)
+                if not torch.isfinite(out.loss.detach()):  # GradCache already agreed on this across ranks
+                    finite = False
+                    break
             else:
                 with sync_context(acc, self.model, sync):
                     with acc.autocast():
@@ -310,9 +313,6 @@ class Trainer:
                         finite = False
                         break
                     acc.backward(out.loss / ga)
-            if not torch.isfinite(out.loss.detach()):
-                finite = False
-                break
             totals["loss"] += out.loss.item() / ga
             totals["accuracy"] += out.accuracy.item() / ga
         if not finite:
