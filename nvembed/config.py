@@ -90,6 +90,13 @@ class ModelConfig:
     """Append the EOS token to every text (NV-Embed and E5-mistral do; required for ``last_token``)."""
     padding_side: str = "right"
     """Pad on the ``right`` or ``left``; pooling is correct either way."""
+    length_buckets: int = 4
+    """Run each forward as up to this many sub-batches of similar length, each padded only to its own longest text
+    (same embeddings and gradients, fewer padded tokens computed; see ``nvembed/model/bucketing.py``). 1 disables.
+    Under ZeRO-3 every sub-batch gathers the sharded weights again: use 1 there when communication-bound."""
+    length_bucket_overhead: int = 64
+    """Cost of one more sub-batch, in padded tokens: a split is made only where it saves more padding than this
+    (raise it on GPUs, where small sub-batches use the device poorly)."""
     query_template: str = "Instruct: {instruction}\nQuery: "
     """Prefix put before a query when its task has an instruction (NV-Embed / E5-mistral template)."""
     pooling: PoolingConfig = field(default_factory=PoolingConfig)
@@ -342,6 +349,9 @@ def validate(raw: Any) -> RunConfig:
         if any(d < 1 for d in dims):
             raise ConfigError(f"'{key}' must list dimensions >= 1, got {list(dims)}")
     m = cfg.model
+    if m.length_buckets < 1 or m.length_bucket_overhead < 0:
+        raise ConfigError(f"'model.length_buckets' must be >= 1 (1 disables) and 'model.length_bucket_overhead' >= 0, "
+                          f"got {m.length_buckets} and {m.length_bucket_overhead}")
     if not (m.name_or_path or m.random_init or m.gguf_file):
         raise ConfigError("Set 'model.name_or_path' (hub id or folder), 'model.gguf_file', or 'model.random_init'")
     if m.random_init is not None and "model_type" not in m.random_init:

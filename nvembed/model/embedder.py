@@ -17,6 +17,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .backbone import DTYPES, apply_lora, load_backbone, load_tokenizer
+from .bucketing import bucketed_forward
 from .inputs import build_prompt, tokenize
 from .pooling import Pooler
 
@@ -43,7 +44,13 @@ class Embedder(nn.Module):
         return m.get_base_model() if hasattr(m, "get_base_model") else m
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        feats = {"input_ids": input_ids, "attention_mask": attention_mask, "pool_mask": pool_mask}
+        return bucketed_forward(self._embed, feats, self.cfg.length_buckets, self.cfg.length_bucket_overhead)
+
+    def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
+        # positions count real tokens only: with left padding a text then gets the same embedding in any batch
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
         return self.pooler(out.last_hidden_state, attention_mask, pool_mask)
 
     def features(self, texts: Sequence[str], instructions: Optional[Sequence[Optional[str]]] = None,

@@ -225,6 +225,8 @@ class NVEmbedModel(NVEmbedPreTrainedModel):
         ``pool_mask`` defaults to ``attention_mask`` (nothing excluded)."""
         if pool_mask is None:
             pool_mask = attention_mask
+        if "position_ids" not in kwargs:  # as in training: positions count real tokens (left padding safe)
+            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         out = self.embedding_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         return self.pool(out.last_hidden_state, attention_mask, pool_mask)
 
