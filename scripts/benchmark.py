@@ -43,15 +43,43 @@ def triplets(n, length, seed=0):
              text(rnd.randint(length // 2, length))) for _ in range(n)]
 
 
+def demo_triplets(n, batch, seed=0):
+    """Real (query, positive, hard negative) rows from the demo data, in batches that alternate MedQuAD (long
+    answers) and QNLI (one-sentence answers), each batch from one source as the demo's stage 1 samples them."""
+    import random
+
+    sources = []
+    for name in ("medquad_mined", "qnli_mined"):
+        with open(os.path.join(REPO, "data_specs", "demo", "files", name + ".jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        rows = [(r["query"], r["positives"][0], r["negatives"][0]) for r in rows if r["positives"] and r["negatives"]]
+        random.Random(seed).shuffle(rows)
+        sources.append(rows)
+    out = []
+    for b in range((n + batch - 1) // batch):
+        src = sources[b % 2]
+        out.extend(src[(b // 2) * batch:(b // 2 + 1) * batch])
+    return out[:n]
+
+
+def make_data(args):
+    n = args.batch * (args.steps + args.warmup)
+    return triplets(n, args.length) if args.data == "synthetic" else demo_triplets(n, args.batch)
+
+
 def model_cfg(args):
     from nvembed.config import LoraConfig, ModelConfig, PoolingConfig
 
     lora = LoraConfig(enabled=True, r=16, alpha=32, dropout=0.0)
     pool = PoolingConfig(mode="mean", exclude_instruction=False)
     if args.tiny:
-        return ModelConfig(random_init=dict(TINY), tokenizer=os.path.join(REPO, "recipes/assets/tiny-tokenizer"),
-                           pooling=pool, lora=lora, add_eos=False)
-    return ModelConfig(gguf_file=GGUF, pooling=pool, lora=lora, add_eos=False)
+        cfg = ModelConfig(random_init=dict(TINY), tokenizer=os.path.join(REPO, "recipes/assets/tiny-tokenizer"),
+                          pooling=pool, lora=lora, add_eos=False)
+    else:
+        cfg = ModelConfig(gguf_file=GGUF, pooling=pool, lora=lora, add_eos=False)
+    if getattr(args, "buckets", None) is not None:
+        cfg.length_buckets = args.buckets
+    return cfg
 
 
 def peak_memory_mb(device):
@@ -72,6 +100,7 @@ def run_nvembed(args, chunk):
     from nvembed.training.gradcache import grad_cache_backward
     from nvembed.training.trainer import Trainer, make_accelerator
     from nvembed.data.example import Example
+    from nvembed.model.bucketing import padded_tokens
 
     t0 = time.time()
     cfg = RunConfig(model=model_cfg(args), precision=args.precision)
@@ -88,8 +117,8 @@ def run_nvembed(args, chunk):
     collate = Collator(emb.tokenizer, cfg.model.query_template, st.query_max_length, st.doc_max_length, 1,
                        add_eos=False, exclude_instruction=False)
     loss_fn = InfoNCELoss(0.05, True, False)
-    data = triplets(args.batch * (args.steps + args.warmup), args.length)
-    times, toks, tok_s = [], [], []
+    data = make_data(args)
+    times, toks, computed = [], [], []
     for i in range(args.steps + args.warmup):
         t = time.time()
         part = data[i * args.batch:(i + 1) * args.batch]
@@ -106,7 +135,9 @@ def run_nvembed(args, chunk):
         if i >= args.warmup:
             times.append(time.time() - t)
             toks.append(batch.num_tokens)
-    return _summary(times, toks, args, acc.device, load_s)
+            computed.append(sum(padded_tokens(f, emb.cfg.length_buckets, emb.cfg.length_bucket_overhead)
+                                for f in (batch.queries, batch.docs)))
+    return _summary(times, toks, args, acc.device, load_s, computed)
 
 
 def _sync(device):
@@ -116,10 +147,11 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _summary(times, toks, args, device, load_s):
+def _summary(times, toks, args, device, load_s, computed):
     med = statistics.median(times)
     return {"step_s": med, "seq_per_s": 3 * args.batch / med, "tok_per_s": statistics.median(toks) / med,
-            "peak_mb": peak_memory_mb(device), "load_s": load_s, "steps": len(times)}
+            "peak_mb": peak_memory_mb(device), "load_s": load_s, "steps": len(times),
+            "tokens_per_step": statistics.median(toks), "computed_tokens_per_step": statistics.median(computed)}
 
 
 def dequantised_folder(args):
@@ -133,7 +165,13 @@ def dequantised_folder(args):
         cfg.bidirectional = False
         emb = build_embedder(cfg, seed=0)
         emb.base_model.save_pretrained(folder)
+        emb.tokenizer.chat_template = None
         emb.tokenizer.save_pretrained(folder)
+    # sentence-transformers >= 6 wraps every text in the folder's chat template (SmolLM2's adds a ~30-token system
+    # prompt), which would make it embed twice the tokens nvembed does for the same batch
+    template = os.path.join(folder, "chat_template.jinja")
+    if os.path.exists(template):
+        os.remove(template)
     return folder
 
 
@@ -161,8 +199,8 @@ def run_st(args, cached):
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
-    data = triplets(args.batch * (args.steps + args.warmup), args.length)
-    times, toks = [], []
+    data = make_data(args)
+    times, toks, computed = [], [], []
     for i in range(args.steps + args.warmup):
         t = time.time()
         part = data[i * args.batch:(i + 1) * args.batch]
@@ -178,7 +216,8 @@ def run_st(args, cached):
         if i >= args.warmup:
             times.append(time.time() - t)
             toks.append(int(sum(f["attention_mask"].sum() for f in feats)))
-    return _summary(times, toks, args, device, load_s)
+            computed.append(int(sum(f["attention_mask"].numel() for f in feats)))
+    return _summary(times, toks, args, device, load_s, computed)
 
 
 def one(args):
@@ -198,6 +237,9 @@ def main():
     ap.add_argument("--chunk", type=int, default=8, help="GradCache chunk / CMNRL mini-batch size")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--data", default="demo", choices=["demo", "synthetic"],
+                    help="demo: real MedQuAD / QNLI triplets; synthetic: random words, uniform lengths")
+    ap.add_argument("--buckets", type=int, default=None, help="nvembed model.length_buckets (default: the config's)")
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32", "fp16"])
     ap.add_argument("--configs", default="nvembed,nvembed_gc,st,st_cached")
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -210,7 +252,8 @@ def main():
         for name in args.configs.split(","):
             cmd = [sys.executable, __file__, "--one", name, "--batch", str(batch), "--length", str(args.length),
                    "--chunk", str(args.chunk), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--precision", args.precision] + (["--tiny"] if args.tiny else [])
+                   "--precision", args.precision, "--data", args.data] + (["--tiny"] if args.tiny else []) + \
+                (["--buckets", str(args.buckets)] if args.buckets is not None else [])
             proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, WANDB_MODE="disabled"))
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode != 0 or not line:
@@ -219,9 +262,11 @@ def main():
             res = dict(json.loads(line[0][7:]), config=name, batch=batch)
             rows.append(res)
             print(f"{name:11s} batch {batch:4d}: {res['step_s']:7.2f} s/step  {res['seq_per_s']:8.2f} seq/s  "
-                  f"{res['tok_per_s']:9.1f} tok/s  peak {res['peak_mb']:8.0f} MB", flush=True)
+                  f"{res['tok_per_s']:9.1f} tok/s  peak {res['peak_mb']:8.0f} MB  "
+                  f"tokens/step real {res['tokens_per_step']:.0f} computed {res['computed_tokens_per_step']:.0f}",
+                  flush=True)
     by = {(r["config"], r["batch"]): r for r in rows}
-    print(f"\nmodel: {'tiny random Llama' if args.tiny else 'SmolLM2-135M'}  length {args.length}  "
+    print(f"\nmodel: {'tiny random Llama' if args.tiny else 'SmolLM2-135M'}  data {args.data}  length {args.length}  "
           f"precision {args.precision}  chunk {args.chunk}  median of {args.steps} steps")
     for batch in args.batch:
         for a, b in (("nvembed", "st"), ("nvembed_gc", "st_cached"), ("nvembed_gc", "nvembed")):
@@ -229,6 +274,9 @@ def main():
                 ra, rb = by[(a, batch)], by[(b, batch)]
                 print(f"batch {batch}: {a} / {b}: speed x{ra['seq_per_s'] / rb['seq_per_s']:.2f}, "
                       f"peak memory x{ra['peak_mb'] / rb['peak_mb']:.2f}")
+                if abs(ra["tokens_per_step"] - rb["tokens_per_step"]) > 0.01 * rb["tokens_per_step"]:
+                    print(f"  WARNING: {a} embeds {ra['tokens_per_step']:.0f} real tokens per step, {b} "
+                          f"{rb['tokens_per_step']:.0f}: not the same work")
     print("JSON " + json.dumps(rows))
 
 
