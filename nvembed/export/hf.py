@@ -82,7 +82,10 @@ def export_state_dict(embedder) -> Dict[str, torch.Tensor]:
     if emb.pooler.mode == "latent_attention":
         for k, v in head.state_dict().items():
             out[f"latent_attention_model.{k}"] = v.detach()
-    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+    out = {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+    # ZeRO-1/2 keep trainable parameters as views into one flat buffer, which safetensors refuses to save
+    return {k: v.clone() if v.untyped_storage().nbytes() > v.numel() * v.element_size() else v
+            for k, v in out.items()}
 
 
 def backbone_config_dict(embedder, dtype: Optional[str] = None) -> Dict[str, Any]:

@@ -4,7 +4,7 @@ Layout::
 
     DIR/run.json                      marks the folder as an nvembed run (refuse to overwrite it)
     DIR/config.yaml                   the validated config (secrets scrubbed)
-    DIR/<stage>/checkpoint-<step>/    weights (safetensors), optimizer.pt, scheduler.pt, rng.json, state.json
+    DIR/<stage>/checkpoint-<step>/    weights (safetensors), optimizer.pt, scheduler.pt, rng.json (per rank), state.json
     DIR/<stage>/final/                stage weights + state.json (complete: true)
     DIR/final/                        exported model (transformers + sentence-transformers)
 
@@ -101,8 +101,10 @@ def read_state(folder: str) -> Optional[Dict[str, Any]]:
 
 
 def save_checkpoint(folder: str, *, embedder, optimizer, scheduler, state: Dict[str, Any],
-                    accelerator=None, weights: Optional[Dict[str, torch.Tensor]] = None, keep_last: int = 0) -> str:
-    """Write a complete checkpoint atomically; prune to the newest ``keep_last`` in its stage folder."""
+                    accelerator=None, weights: Optional[Dict[str, torch.Tensor]] = None, keep_last: int = 0,
+                    rng_states: Optional[List[Dict[str, Any]]] = None) -> str:
+    """Write a complete checkpoint atomically; prune to the newest ``keep_last`` in its stage folder.
+    ``rng_states``: every rank's :func:`rng_state` (default: this process's only)."""
     parent = os.path.dirname(folder.rstrip("/"))
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".tmp-{os.path.basename(folder)}-{os.getpid()}")
@@ -115,7 +117,7 @@ def save_checkpoint(folder: str, *, embedder, optimizer, scheduler, state: Dict[
     if scheduler is not None:
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
     with open(os.path.join(tmp, "rng.json"), "w") as f:
-        json.dump(rng_state(), f)
+        json.dump(rng_states or [rng_state()], f)
     state = dict(state, saved_at=time.time())
     write_json_atomic(os.path.join(tmp, STATE), state)  # written last: its presence means "complete"
     publish(tmp, folder, keep_last)
@@ -136,7 +138,8 @@ def publish(tmp: str, folder: str, keep_last: int = 0) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def load_checkpoint(folder: str, *, embedder, optimizer=None, scheduler=None, restore_rng: bool = True) -> Dict[str, Any]:
+def load_checkpoint(folder: str, *, embedder, optimizer=None, scheduler=None, restore_rng: bool = True,
+                    rank: int = 0) -> Dict[str, Any]:
     state = read_state(folder)
     if state is None:
         raise RunDirError(f"{folder} is not a complete checkpoint (no {STATE})")
@@ -147,7 +150,9 @@ def load_checkpoint(folder: str, *, embedder, optimizer=None, scheduler=None, re
         scheduler.load_state_dict(torch.load(os.path.join(folder, "scheduler.pt"), weights_only=True))
     if restore_rng and os.path.isfile(os.path.join(folder, "rng.json")):
         with open(os.path.join(folder, "rng.json")) as f:
-            set_rng_state(json.load(f))
+            states = json.load(f)
+        states = states if isinstance(states, list) else [states]  # older checkpoints: one process's state
+        set_rng_state(states[rank % len(states)])  # each rank its own: dropout draws differ between ranks
     return state
 
 

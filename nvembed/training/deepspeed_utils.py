@@ -4,11 +4,11 @@ Launch: ``accelerate launch --config_file recipes/accelerate/zero3.yaml train/tr
 ``recipes/accelerate/README.md``). Every function here is a no-op / plain fallback without DeepSpeed.
 
 Design
-    * The engine is built once, in the first stage (``accelerate.prepare(model, optimizer, scheduler)``): DeepSpeed
-      needs model and optimizer together. Each later stage gets a *fresh* optimizer by resetting the engine's
-      optimizer state in place (moments and step zeroed, lr / weight decay / clipping of the new stage) and a new
-      LR schedule attached to the engine. Re-initialising an engine on an already partitioned module would stack a
-      second set of ZeRO hooks on it.
+    * The engine is built once, in the first stage (``accelerate.prepare(model, optimizer)``): DeepSpeed needs model
+      and optimizer together. Each later stage gets a *fresh* optimizer by resetting the engine's optimizer state in
+      place (moments and step zeroed, lr / weight decay / clipping of the new stage). Every stage's LR schedule is
+      attached to the engine (stepped once per engine step, saved in its checkpoints). Re-initialising an engine on
+      an already partitioned module would stack a second set of ZeRO hooks on it.
     * Gradient accumulation is the trainer's own loop: DeepSpeed's ``gradient_accumulation_steps`` is forced to 1
       and every backward but the last of an optimizer step runs with accelerate's ``sync_gradients`` False
       (``distributed.sync_context``), which accelerate passes to the engine as the accumulation boundary. So the
@@ -23,7 +23,6 @@ Design
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import time
@@ -59,6 +58,24 @@ def prepare_model(acc, embedder):
     return acc.prepare_model(embedder)
 
 
+@contextlib.contextmanager
+def model_init_context(acc):
+    """Build the model under DeepSpeed's ``zero.Init`` only where the accelerate config asks for it
+    (``zero3_init_flag``). accelerate registers its ZeRO-3 config with transformers whatever the flag, so the backbone
+    would be built partitioned anyway, and a ``random_init`` one drawn differently from DDP / one process."""
+    plugin = acc.state.deepspeed_plugin if is_deepspeed(acc) else None
+    if plugin is None or zero_stage(acc) != 3 or plugin.zero3_init_flag:
+        yield
+        return
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
 def _fill_config(acc, embedder, st) -> None:
     cfg = acc.state.deepspeed_plugin.deepspeed_config
     cfg["train_micro_batch_size_per_gpu"] = int(st.batch_size)
@@ -74,6 +91,13 @@ def _fill_config(acc, embedder, st) -> None:
             zero[key] = value
 
 
+def _same_module_calls_on_every_rank(acc, embedder) -> None:
+    """ZeRO-3 gathers a module's weights (a collective) at each call of it: length bucketing must then split every
+    batch into the same number of backbone calls on every rank, whatever the lengths."""
+    if zero_stage(acc) == 3 and acc.num_processes > 1 and hasattr(embedder, "fixed_bucket_count"):
+        embedder.fixed_bucket_count = True
+
+
 def prepare_stage(trainer, st, total: int):
     """(optimizer, scheduler) for a stage under DeepSpeed; builds the engine on first use, else resets it."""
     from accelerate.utils import DeepSpeedSchedulerWrapper
@@ -83,17 +107,14 @@ def prepare_stage(trainer, st, total: int):
     engine = engine_of(acc)
     if engine is None:
         _fill_config(acc, trainer.embedder, st)
+        _same_module_calls_on_every_rank(acc, trainer.embedder)
         params = [p for p in trainer.embedder.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=st.learning_rate, weight_decay=st.weight_decay)
-        scheduler = get_scheduler(st.lr_scheduler, optimizer, num_warmup_steps=st.warmup_steps,
-                                  num_training_steps=total)
-        trainer.model, optimizer, scheduler = acc.prepare(trainer.embedder, optimizer, scheduler)
-        trainer._ds_optimizer = optimizer
-        return optimizer, scheduler
-    # a later stage: fresh optimizer state and schedule on the same engine
+        trainer.model, trainer._ds_optimizer = acc.prepare(trainer.embedder, optimizer)
+        engine = engine_of(acc)
     zero_opt = engine.optimizer
     inner = getattr(zero_opt, "optimizer", zero_opt)
-    for s in inner.state.values():
+    for s in inner.state.values():  # a later stage: fresh optimizer state on the same engine
         for k, v in s.items():
             if torch.is_tensor(v):
                 v.zero_()
@@ -105,6 +126,8 @@ def prepare_stage(trainer, st, total: int):
     if hasattr(zero_opt, "clip_grad"):
         zero_opt.clip_grad = float(st.max_grad_norm)
     engine._config.gradient_clipping = float(st.max_grad_norm)
+    # every stage's schedule is the engine's: stepped once per engine step, saved in its checkpoints (a LambdaLR
+    # passed to accelerate.prepare would not be: accelerate would step it num_processes times per step)
     sched = get_scheduler(st.lr_scheduler, inner, num_warmup_steps=st.warmup_steps, num_training_steps=total)
     engine.lr_scheduler = sched
     scheduler = DeepSpeedSchedulerWrapper(sched, trainer._ds_optimizer)
@@ -192,8 +215,6 @@ def save(trainer, folder: str, optimizer, state: Dict[str, Any]) -> None:
     weights = trainable_state_dict(acc, trainer.embedder)
     if acc.is_main_process:
         trainer.embedder.save_weights(tmp, weights)
-        with open(os.path.join(tmp, "rng.json"), "w") as f:
-            json.dump(ckpt.rng_state(), f)
         ckpt.write_json_atomic(os.path.join(tmp, ckpt.STATE), dict(state, saved_at=time.time(), deepspeed=True))
         ckpt.publish(tmp, folder, trainer.cfg.keep_last)
     acc.wait_for_everyone()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import zlib
 from typing import Any, Dict, Optional
 
 import torch
@@ -71,7 +72,10 @@ def make_accelerator(precision: str):
         # and without cpu=True (set by `accelerate launch --cpu`, not by torchrun) it reports DistributedType.NO:
         # no DDP wrapping, so gradients would silently not be averaged across ranks
         cpu = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true"
-    return Accelerator(mixed_precision=resolve_precision(precision), kwargs_handlers=handlers, cpu=cpu)
+    # step_scheduler_with_optimizer=False: the schedule counts optimizer steps; accelerate would otherwise step it
+    # num_processes times per step (its convention for per-process dataloaders), ending it early under DDP
+    return Accelerator(mixed_precision=resolve_precision(precision), kwargs_handlers=handlers, cpu=cpu,
+                       step_scheduler_with_optimizer=False)
 
 
 def _new_distill_counts() -> Dict[str, Any]:
@@ -101,9 +105,10 @@ class Trainer:
             ckpt.guard_output_dir(self.out, self.cfg.resume)
         acc.wait_for_everyone()
         set_seed(self.cfg.seed)
-        self.embedder = build_embedder(self.cfg.model, seed=self.cfg.seed)
+        with ds_utils.model_init_context(acc):
+            self.embedder = build_embedder(self.cfg.model, seed=self.cfg.seed)
         if self.cfg.init_from:
-            self.embedder.load_weights(self.cfg.init_from)
+            ds_utils.load_weights(acc, self.embedder, self.cfg.init_from)  # zero3_init_flag: already partitioned
         self.model = ds_utils.prepare_model(acc, self.embedder)  # DeepSpeed: engine built in the first stage
         if acc.is_main_process:
             os.makedirs(self.out, exist_ok=True)
@@ -170,6 +175,7 @@ class Trainer:
             print(f"[nvembed] {msg}", flush=True)
 
     def run_stage(self, name: str) -> None:
+        from accelerate.utils import set_seed
         from transformers import get_scheduler
 
         st = self.cfg.stage_defs[name]
@@ -192,6 +198,9 @@ class Trainer:
             scheduler = get_scheduler(st.lr_scheduler, optimizer, num_warmup_steps=st.warmup_steps,
                                       num_training_steps=total)
             optimizer, scheduler = acc.prepare(optimizer, scheduler)
+        # per-stage seed (after the DeepSpeed engine is built, which draws random numbers): dropout is then the same
+        # under any launcher and for a stage run alone; a resume below restores the saved RNG states instead
+        set_seed((self.cfg.seed + zlib.crc32(name.encode())) % 2**32)
         start = 0
         if acc.is_main_process:
             ckpt.clean_temporaries(stage_dir)
@@ -202,7 +211,7 @@ class Trainer:
             self._log_line(f"{name}: resumed from {existing[-1]} at step {start}/{total}")
         elif existing:
             state = ckpt.load_checkpoint(existing[-1], embedder=self.embedder, optimizer=optimizer.optimizer,
-                                         scheduler=scheduler.scheduler)
+                                         scheduler=scheduler.scheduler, rank=acc.process_index)
             start, self.global_step = state["step"], state["global_step"]
             self._log_line(f"{name}: resumed from {existing[-1]} at step {start}/{total}")
         collator = Collator(self.embedder.tokenizer, self.cfg.model.query_template, st.query_max_length,
@@ -272,16 +281,19 @@ class Trainer:
                        f"{summary['last_loss'] if losses else float('nan'):.4f}, skipped {skipped}")
 
     def save(self, folder: str, optimizer, scheduler, state: Dict[str, Any]) -> None:
+        from accelerate.utils import gather_object
+
         acc = self.accelerator
         if ds_utils.is_deepspeed(acc):
             return ds_utils.save(self, folder, optimizer, state)
         acc.wait_for_everyone()
         weights = self.embedder.trainable_state_dict()
+        rngs = gather_object([ckpt.rng_state()]) if acc.num_processes > 1 else None  # every rank's (a collective)
         if acc.is_main_process:
             ckpt.save_checkpoint(folder, embedder=self.embedder,
                                  optimizer=optimizer.optimizer if optimizer is not None else None,
                                  scheduler=scheduler.scheduler if scheduler is not None else None,
-                                 state=state, weights=weights, keep_last=self.cfg.keep_last)
+                                 state=state, weights=weights, keep_last=self.cfg.keep_last, rng_states=rngs)
         acc.wait_for_everyone()
 
     # ---- one optimizer step --------------------------------------------------------------------------------------
