@@ -93,7 +93,8 @@ class ModelConfig:
     length_buckets: int = 4
     """Run each forward as up to this many sub-batches of similar length, each padded only to its own longest text
     (same embeddings and gradients, fewer padded tokens computed; see ``nvembed/model/bucketing.py``). 1 disables.
-    Under ZeRO-3 every sub-batch gathers the sharded weights again: use 1 there when communication-bound."""
+    Under ZeRO-3 every rank makes exactly ``min(length_buckets, rows)`` calls, each gathering the sharded weights
+    again: use 1 there when communication-bound."""
     length_bucket_overhead: int = 64
     """Cost of one more sub-batch, in padded tokens: a split is made only where it saves more padding than this
     (raise it on GPUs, where small sub-batches use the device poorly)."""

@@ -41,6 +41,16 @@ def test_no_split_when_lengths_are_equal_or_overhead_too_high():
     assert [len(b) for b in plan_buckets([10, 11, 12, 60], 4, 5)] == [3, 1]
 
 
+def test_exact_plan_has_a_fixed_number_of_buckets():
+    """ZeRO-3 mode: the number of backbone calls depends only on the row count, never on the lengths."""
+    for lengths in ([7] * 10, [1, 50, 50, 50, 50, 50], list(range(1, 11))):
+        plan = plan_buckets(lengths, 4, 1000, exact=True)
+        assert len(plan) == 4 and sorted(i for b in plan for i in b) == list(range(len(lengths)))
+    assert len(plan_buckets([3, 9], 4, 0, exact=True)) == 2
+    # the best 4-way split of these lengths: 1 | 2 3 | 50 50 50 | 51 52 = 1 + 6 + 150 + 104 padded tokens
+    assert [len(b) for b in plan_buckets([1, 2, 3, 50, 50, 50, 51, 52], 4, 0, exact=True)] == [1, 2, 3, 2]
+
+
 def _batch(emb, texts, prompts):
     return tokenize(emb.tokenizer, texts, prompts, max_length=64, add_eos=True, exclude_prompt=True)
 

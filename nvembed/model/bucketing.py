@@ -16,9 +16,11 @@ import numpy as np
 import torch
 
 
-def plan_buckets(lengths: List[int], max_buckets: int, overhead_tokens: int = 0) -> List[List[int]]:
+def plan_buckets(lengths: List[int], max_buckets: int, overhead_tokens: int = 0,
+                 exact: bool = False) -> List[List[int]]:
     """Row indices grouped into at most ``max_buckets`` buckets (each sorted by length) minimising
-    ``sum(rows x longest) + overhead_tokens x buckets``."""
+    ``sum(rows x longest) + overhead_tokens x buckets``. ``exact``: always ``min(max_buckets, rows)`` buckets, so
+    the number of model calls does not depend on the data (ZeRO-3 ranks must issue the same collectives)."""
     n = len(lengths)
     if n == 0:
         return []
@@ -41,7 +43,8 @@ def plan_buckets(lengths: List[int], max_buckets: int, overhead_tokens: int = 0)
         best = cand[arg, np.arange(n + 1)]
         choice.append(arg)
         totals.append(best[n])
-    k = int(np.argmin(totals))  # fewest buckets among equal costs (argmin takes the first)
+    # fewest buckets among equal costs (argmin takes the first)
+    k = k_max - 1 if exact else int(np.argmin(totals))
     cuts, end = [], n
     for level in range(k, 0, -1):
         start = int(choice[level][end])
@@ -60,13 +63,13 @@ def _trim(features: Dict[str, torch.Tensor], rows: torch.Tensor) -> Dict[str, to
 
 
 def bucketed_forward(fn: Callable[..., torch.Tensor], features: Dict[str, torch.Tensor], max_buckets: int,
-                     overhead_tokens: int = 0) -> torch.Tensor:
+                     overhead_tokens: int = 0, exact: bool = False) -> torch.Tensor:
     """``fn(**features)`` computed bucket by bucket; rows of the result in the order of ``features``."""
     mask = features["attention_mask"]
     if max_buckets <= 1 or mask.shape[0] <= 1:
         return fn(**features)
     lengths = mask.sum(dim=1).tolist()
-    plan = plan_buckets(lengths, max_buckets, overhead_tokens)
+    plan = plan_buckets(lengths, max_buckets, overhead_tokens, exact)
     if len(plan) == 1 and max(lengths) == mask.shape[1]:
         return fn(**features)
     outs, index = [], []

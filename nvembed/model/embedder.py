@@ -32,6 +32,9 @@ class Embedder(nn.Module):
         self.pooler = pooler
         self.tokenizer = tokenizer
         self.cfg = cfg
+        self.fixed_bucket_count = False
+        """Always split into ``min(length_buckets, rows)`` sub-batches: set under ZeRO-3, where every backbone
+        call is a collective weight gather and all ranks must make the same number of calls."""
 
     @property
     def hidden_size(self) -> int:
@@ -45,7 +48,8 @@ class Embedder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
         feats = {"input_ids": input_ids, "attention_mask": attention_mask, "pool_mask": pool_mask}
-        return bucketed_forward(self._embed, feats, self.cfg.length_buckets, self.cfg.length_bucket_overhead)
+        return bucketed_forward(self._embed, feats, self.cfg.length_buckets, self.cfg.length_bucket_overhead,
+                                exact=self.fixed_bucket_count)
 
     def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
         # positions count real tokens only: with left padding a text then gets the same embedding in any batch

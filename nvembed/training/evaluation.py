@@ -98,6 +98,12 @@ def _labels(label: str, cfg) -> Dict[Any, str]:
     return {None: label, **{int(d): f"{label}@{int(d)}" for d in cfg.eval.truncate_dims}}
 
 
+def _sharded_weights(acc, model) -> bool:
+    """True when the weights are ZeRO-3 partitions (after the engine is built, or from the start with
+    ``zero3_init_flag``)."""
+    return acc.num_processes > 1 and any(hasattr(p, "ds_id") for p in model.parameters())
+
+
 def maybe_evaluate(trainer, label: str) -> Optional[Dict[str, Any]]:
     cfg = trainer.cfg
     if not cfg.eval.enabled:
@@ -106,16 +112,18 @@ def maybe_evaluate(trainer, label: str) -> Optional[Dict[str, Any]]:
     folder = os.path.join(trainer.out, "eval")
     labels = _labels(label, cfg)
     paths = {d: os.path.join(folder, f"{lab}.json") for d, lab in labels.items()}
-    result = None
+    result = results = None
     # a resumed run reuses what was measured; truncations added later are measured then
     if all(os.path.isfile(p) for p in paths.values()):
         with open(paths[None]) as f:
             result = json.load(f)
-    elif acc.is_main_process:
+    elif acc.is_main_process or _sharded_weights(acc, trainer.embedder):
+        # ZeRO-3: every forward gathers weights from all ranks, so every rank encodes (the same texts); rank 0 writes
         trainer._log_line(f"evaluating ({label})")
         enc = EmbedderEncoder(acc.unwrap_model(trainer.model), label, cfg.eval.max_length, acc.autocast)
         dims = [d for d in labels if d is not None]
         results = _run_suites(enc, cfg, None, dims) if dims else {None: _run_suites(enc, cfg, None)}
+    if results is not None and acc.is_main_process:
         os.makedirs(folder, exist_ok=True)
         for d, res in results.items():
             res["model"] = labels[d]
