@@ -90,17 +90,18 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_nvembed(args, chunk):
+def nvembed_step(args, chunk):
+    """(step(part) -> (real tokens, computed tokens), device, load seconds) for nvembed's training step."""
     import torch
 
     from nvembed.config import RunConfig, StageConfig
+    from nvembed.data.example import Example
     from nvembed.losses import InfoNCELoss
     from nvembed.model import build_embedder
+    from nvembed.model.bucketing import padded_tokens
     from nvembed.training.collate import Collator
     from nvembed.training.gradcache import grad_cache_backward
     from nvembed.training.trainer import Trainer, make_accelerator
-    from nvembed.data.example import Example
-    from nvembed.model.bucketing import padded_tokens
 
     t0 = time.time()
     cfg = RunConfig(model=model_cfg(args), precision=args.precision)
@@ -117,11 +118,8 @@ def run_nvembed(args, chunk):
     collate = Collator(emb.tokenizer, cfg.model.query_template, st.query_max_length, st.doc_max_length, 1,
                        add_eos=False, exclude_instruction=False)
     loss_fn = InfoNCELoss(0.05, True, False)
-    data = make_data(args)
-    times, toks, computed = [], [], []
-    for i in range(args.steps + args.warmup):
-        t = time.time()
-        part = data[i * args.batch:(i + 1) * args.batch]
+
+    def step(part):
         batch = collate([Example(query=q, positive=p, negatives=[n]) for q, p, n in part]).to(acc.device)
         if chunk > 0:
             grad_cache_backward(trainer, batch, st, loss_fn)
@@ -132,12 +130,23 @@ def run_nvembed(args, chunk):
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(acc.device)
+        return batch.num_tokens, sum(padded_tokens(f, emb.cfg.length_buckets, emb.cfg.length_bucket_overhead)
+                                     for f in (batch.queries, batch.docs))
+
+    return step, acc.device, load_s
+
+
+def measure(args, step, device, load_s):
+    data = make_data(args)
+    times, toks, computed = [], [], []
+    for i in range(args.steps + args.warmup):
+        t = time.time()
+        real, comp = step(data[i * args.batch:(i + 1) * args.batch])
         if i >= args.warmup:
             times.append(time.time() - t)
-            toks.append(batch.num_tokens)
-            computed.append(sum(padded_tokens(f, emb.cfg.length_buckets, emb.cfg.length_bucket_overhead)
-                                for f in (batch.queries, batch.docs)))
-    return _summary(times, toks, args, acc.device, load_s, computed)
+            toks.append(real)
+            computed.append(comp)
+    return _summary(times, toks, args, device, load_s, computed)
 
 
 def _sync(device):
@@ -151,7 +160,8 @@ def _summary(times, toks, args, device, load_s, computed):
     med = statistics.median(times)
     return {"step_s": med, "seq_per_s": 3 * args.batch / med, "tok_per_s": statistics.median(toks) / med,
             "peak_mb": peak_memory_mb(device), "load_s": load_s, "steps": len(times),
-            "tokens_per_step": statistics.median(toks), "computed_tokens_per_step": statistics.median(computed)}
+            "tokens_per_step": statistics.median(toks), "computed_tokens_per_step": statistics.median(computed),
+            "step_times": [round(t, 3) for t in times], "step_computed_tokens": list(computed)}
 
 
 def dequantised_folder(args):
@@ -175,7 +185,8 @@ def dequantised_folder(args):
     return folder
 
 
-def run_st(args, cached):
+def st_step(args, cached):
+    """The same training step done by sentence-transformers (MNRL, or CMNRL with ``cached``)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from sentence_transformers import SentenceTransformer, losses, models
@@ -199,33 +210,64 @@ def run_st(args, cached):
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
-    data = make_data(args)
-    times, toks, computed = [], [], []
-    for i in range(args.steps + args.warmup):
-        t = time.time()
-        part = data[i * args.batch:(i + 1) * args.batch]
+
+    def step(part):
         feats = [model.tokenize([x[j] for x in part]) for j in range(3)]
         feats = [{k: v.to(device) for k, v in f.items() if hasattr(v, "to")} for f in feats]
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             value = loss(feats, None)
-            if not cached:
-                value.backward()
+        # CMNRL too: its chunked re-forward and backward run in a hook of this backward
+        value.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(device)
-        if i >= args.warmup:
-            times.append(time.time() - t)
-            toks.append(int(sum(f["attention_mask"].sum() for f in feats)))
-            computed.append(int(sum(f["attention_mask"].numel() for f in feats)))
-    return _summary(times, toks, args, device, load_s, computed)
+        return (int(sum(f["attention_mask"].sum() for f in feats)),
+                int(sum(f["attention_mask"].numel() for f in feats)))
+
+    return step, device, load_s
+
+
+def make_step(args, name):
+    if name == "nvembed_padded":  # the same step without length bucketing: what bucketing saves
+        args.buckets = 1
+    if name.startswith("nvembed"):
+        return nvembed_step(args, args.chunk if name == "nvembed_gc" else 0)
+    return st_step(args, cached=name == "st_cached")
+
+
+def paired(args):
+    """Every configuration in this one process, taking turns on each batch (order rotated per step): machine noise
+    (shared cores, frequency) then hits all of them alike, and the per-batch time ratios are paired."""
+    names = args.configs.split(",")
+    steps = {}
+    for name in names:
+        args.buckets = args.buckets_arg
+        steps[name] = make_step(args, name)[0]
+    data = make_data(args)
+    times = {n: [] for n in names}
+    tokens = {n: [] for n in names}
+    for i in range(args.steps + args.warmup):
+        part = data[i * args.batch:(i + 1) * args.batch]
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            t = time.time()
+            real, comp = steps[name](part)
+            if i >= args.warmup:
+                times[name].append(time.time() - t)
+                tokens[name].append((real, comp))
+    base = names[-1]
+    print(f"paired, in one process: {args.steps} batches of {args.batch} (data {args.data}, length {args.length}, "
+          f"precision {args.precision})")
+    for name in names:
+        ratios = [b / a for a, b in zip(times[name], times[base])]
+        print(f"{name:15s} median {statistics.median(times[name]):6.2f} s/step  real tokens/step "
+              f"{statistics.median(t[0] for t in tokens[name]):6.0f}  computed "
+              f"{statistics.median(t[1] for t in tokens[name]):6.0f}  speed vs {base}: median of per-batch ratios "
+              f"x{statistics.median(ratios):.2f} (range {min(ratios):.2f}-{max(ratios):.2f})", flush=True)
+    print("PAIRED " + json.dumps({"times": times, "tokens": tokens}))
 
 
 def one(args):
-    name = args.one
-    if name.startswith("nvembed"):
-        res = run_nvembed(args, args.chunk if name == "nvembed_gc" else 0)
-    else:
-        res = run_st(args, cached=name == "st_cached")
+    res = measure(args, *make_step(args, args.one))
     print("RESULT " + json.dumps(res), flush=True)
 
 
@@ -241,9 +283,17 @@ def main():
                     help="demo: real MedQuAD / QNLI triplets; synthetic: random words, uniform lengths")
     ap.add_argument("--buckets", type=int, default=None, help="nvembed model.length_buckets (default: the config's)")
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32", "fp16"])
-    ap.add_argument("--configs", default="nvembed,nvembed_gc,st,st_cached")
+    ap.add_argument("--configs", default="nvembed,nvembed_gc,st,st_cached",
+                    help="any of nvembed, nvembed_padded (length_buckets=1), nvembed_gc, st, st_cached")
+    ap.add_argument("--paired", action="store_true",
+                    help="speed only: all --configs in one process, taking turns on each batch (peak memory is "
+                         "only measured per configuration, without this flag); the last config is the baseline")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.buckets_arg = args.buckets
+    if args.paired:
+        args.batch = args.batch[0]
+        return paired(args)
     if args.one:
         args.batch = args.batch[0]
         return one(args)
@@ -269,7 +319,8 @@ def main():
     print(f"\nmodel: {'tiny random Llama' if args.tiny else 'SmolLM2-135M'}  data {args.data}  length {args.length}  "
           f"precision {args.precision}  chunk {args.chunk}  median of {args.steps} steps")
     for batch in args.batch:
-        for a, b in (("nvembed", "st"), ("nvembed_gc", "st_cached"), ("nvembed_gc", "nvembed")):
+        for a, b in (("nvembed", "st"), ("nvembed_padded", "st"), ("nvembed", "nvembed_padded"),
+                     ("nvembed_gc", "st_cached"), ("nvembed_gc", "nvembed")):
             if (a, batch) in by and (b, batch) in by:
                 ra, rb = by[(a, batch)], by[(b, batch)]
                 print(f"batch {batch}: {a} / {b}: speed x{ra['seq_per_s'] / rb['seq_per_s']:.2f}, "
