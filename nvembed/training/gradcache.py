@@ -64,6 +64,20 @@ def split_features(feats: Dict[str, torch.Tensor], chunk: int) -> List[Dict[str,
     return out
 
 
+def _by_length(feats: Dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.argsort(feats["attention_mask"].sum(dim=1), descending=True, stable=True)
+
+
+def _rows(feats: Dict[str, torch.Tensor], order: torch.Tensor) -> Dict[str, torch.Tensor]:
+    return {k: v.index_select(0, order.to(v.device)) for k, v in feats.items()}
+
+
+def _unsort(emb: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(emb)
+    out[order.to(emb.device)] = emb
+    return out
+
+
 def _embed_no_grad(model, chunks, autocast, device) -> Tuple[torch.Tensor, List[RandState]]:
     states, embs = [], []
     with torch.no_grad():
@@ -84,14 +98,17 @@ def grad_cache_backward(trainer, batch, st, loss_fn, scale: float = 1.0, sync: b
     model = trainer.model
     chunk = st.grad_cache_chunk_size
     device = batch.queries["input_ids"].device
-    q_chunks = split_features(batch.queries, chunk)
-    d_chunks = split_features(batch.docs, chunk)
+    # chunks of similar length (rows sorted by length): each is padded only to its own longest text, and the
+    # model's length bucketing finds nothing left to split into (tiny sub-batches would cost a call each)
+    q_order, d_order = _by_length(batch.queries), _by_length(batch.docs)
+    q_chunks = split_features(_rows(batch.queries, q_order), chunk)
+    d_chunks = split_features(_rows(batch.docs, d_order), chunk)
 
-    # pass 1: embeddings without graphs
+    # pass 1: embeddings without graphs, back in batch order
     q, q_states = _embed_no_grad(model, q_chunks, acc.autocast, device)
     d, d_states = _embed_no_grad(model, d_chunks, acc.autocast, device)
-    q = q.detach().float().requires_grad_(True)
-    d = d.detach().float().requires_grad_(True)
+    q = _unsort(q, q_order).detach().float().requires_grad_(True)
+    d = _unsort(d, d_order).detach().float().requires_grad_(True)
 
     # loss on the cached embeddings (cross-device gather included), gradient w.r.t. the embeddings only
     with acc.autocast():
@@ -105,8 +122,8 @@ def grad_cache_backward(trainer, batch, st, loss_fn, scale: float = 1.0, sync: b
     q_grad, d_grad = torch.autograd.grad(out.loss, [q, d])
 
     # pass 2: re-embed each chunk with a graph, replaying its RNG state; one (micro-step) backward per chunk
-    work = [(c, s, g) for c, s, g in zip(q_chunks, q_states, q_grad.split(chunk))]
-    work += [(c, s, g) for c, s, g in zip(d_chunks, d_states, d_grad.split(chunk))]
+    work = [(c, s, g) for c, s, g in zip(q_chunks, q_states, q_grad[q_order].split(chunk))]
+    work += [(c, s, g) for c, s, g in zip(d_chunks, d_states, d_grad[d_order].split(chunk))]
     for i, (feats, state, grad) in enumerate(work):
         last = sync and i == len(work) - 1
         with sync_context(acc, model, last):
