@@ -67,7 +67,7 @@ def make_data(args):
     return triplets(n, args.length) if args.data == "synthetic" else demo_triplets(n, args.batch)
 
 
-def model_cfg(args):
+def model_cfg(args, buckets=None):
     from nvembed.config import LoraConfig, ModelConfig, PoolingConfig
 
     lora = LoraConfig(enabled=True, r=16, alpha=32, dropout=0.0)
@@ -77,8 +77,8 @@ def model_cfg(args):
                           pooling=pool, lora=lora, add_eos=False)
     else:
         cfg = ModelConfig(gguf_file=GGUF, pooling=pool, lora=lora, add_eos=False)
-    if getattr(args, "buckets", None) is not None:
-        cfg.length_buckets = args.buckets
+    if buckets is not None:
+        cfg.length_buckets = buckets
     return cfg
 
 
@@ -90,7 +90,7 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def nvembed_step(args, chunk):
+def nvembed_step(args, chunk, buckets=None):
     """(step(part) -> (real tokens, computed tokens), device, load seconds) for nvembed's training step."""
     import torch
 
@@ -104,7 +104,7 @@ def nvembed_step(args, chunk):
     from nvembed.training.trainer import Trainer, make_accelerator
 
     t0 = time.time()
-    cfg = RunConfig(model=model_cfg(args), precision=args.precision)
+    cfg = RunConfig(model=model_cfg(args, buckets), precision=args.precision)
     st = StageConfig(batch_size=args.batch, grad_cache_chunk_size=chunk, query_max_length=args.length,
                      doc_max_length=args.length, num_hard_negatives=1, max_grad_norm=0)
     cfg.loss.temperature = 0.05
@@ -228,10 +228,10 @@ def st_step(args, cached):
 
 
 def make_step(args, name):
-    if name == "nvembed_padded":  # the same step without length bucketing: what bucketing saves
-        args.buckets = 1
     if name.startswith("nvembed"):
-        return nvembed_step(args, args.chunk if name == "nvembed_gc" else 0)
+        # nvembed_padded: the same step without length bucketing, i.e. what bucketing saves
+        buckets = 1 if name == "nvembed_padded" else args.buckets
+        return nvembed_step(args, args.chunk if name == "nvembed_gc" else 0, buckets)
     return st_step(args, cached=name == "st_cached")
 
 
@@ -241,7 +241,6 @@ def paired(args):
     names = args.configs.split(",")
     steps = {}
     for name in names:
-        args.buckets = args.buckets_arg
         steps[name] = make_step(args, name)[0]
     data = make_data(args)
     times = {n: [] for n in names}
@@ -290,7 +289,6 @@ def main():
                          "only measured per configuration, without this flag); the last config is the baseline")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    args.buckets_arg = args.buckets
     if args.paired:
         args.batch = args.batch[0]
         return paired(args)

@@ -88,12 +88,22 @@ def test_bucketed_forward_equals_padded_forward(arch, attn, side, bidir):
     assert padded_tokens(feats, 3) < padded_tokens(feats, 1) == feats["attention_mask"].numel()
 
 
-def test_encode_is_independent_of_batch_composition():
-    """Left padding with positions from the attention mask: a text's embedding does not depend on its batch."""
-    cfg = tiny_model_config(padding_side="left")
+def test_positions_count_real_tokens_with_left_padding():
+    """The backbone gets positions 0..n-1 over each text's real tokens whatever its padding, so models with absolute
+    positions give a text the same embedding in any batch (RoPE models would anyway: only offsets matter to them)."""
+    cfg = tiny_model_config(padding_side="left", length_buckets=1)
     emb = build_embedder(cfg, seed=0).eval()
     emb.tokenizer.padding_side = "left"
-    emb.cfg.length_buckets = 1
+    seen = []
+    emb.backbone.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["position_ids"].clone()), with_kwargs=True)
+    feats = _batch(emb, [TEXTS[1], TEXTS[-1]], ["", ""])
+    with torch.no_grad():
+        emb(**feats)
+    (pos,) = seen
+    mask = feats["attention_mask"].bool()
+    assert not mask[0].all()  # the short text is left-padded here
+    for row in range(2):
+        assert pos[row][mask[row]].tolist() == list(range(int(mask[row].sum())))
     alone = emb.encode([TEXTS[1]])
     with_long = emb.encode([TEXTS[1], TEXTS[-1]], batch_size=2)
     assert abs(alone[0] - with_long[0]).max() < 1e-5

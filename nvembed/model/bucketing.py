@@ -54,12 +54,19 @@ def plan_buckets(lengths: List[int], max_buckets: int, overhead_tokens: int = 0,
     return [order[s:e] for s, e in reversed(cuts)]
 
 
-def _trim(features: Dict[str, torch.Tensor], rows: torch.Tensor) -> Dict[str, torch.Tensor]:
+def select_rows(features: Dict[str, torch.Tensor], rows: torch.Tensor) -> Dict[str, torch.Tensor]:
     """The given rows, cut to the columns any of them uses (works for right and left padding)."""
-    sub = {k: v.index_select(0, rows) for k, v in features.items()}
+    sub = {k: v.index_select(0, rows.to(v.device)) for k, v in features.items()}
     used = sub["attention_mask"].any(dim=0).nonzero().flatten()
     lo, hi = int(used[0]), int(used[-1]) + 1
     return {k: v[:, lo:hi] for k, v in sub.items()}
+
+
+def restore_order(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Rows computed in ``order`` (row i of ``x`` is original row ``order[i]``) back in the original order."""
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order), device=order.device)
+    return x.index_select(0, inverse.to(x.device))
 
 
 def bucketed_forward(fn: Callable[..., torch.Tensor], features: Dict[str, torch.Tensor], max_buckets: int,
@@ -72,14 +79,12 @@ def bucketed_forward(fn: Callable[..., torch.Tensor], features: Dict[str, torch.
     plan = plan_buckets(lengths, max_buckets, overhead_tokens, exact)
     if len(plan) == 1 and max(lengths) == mask.shape[1]:
         return fn(**features)
-    outs, index = [], []
+    order = torch.tensor([r for rows in plan for r in rows], dtype=torch.long, device=mask.device)
+    outs, start = [], 0
     for rows in plan:
-        idx = torch.tensor(rows, dtype=torch.long, device=mask.device)
-        outs.append(fn(**_trim(features, idx)))
-        index.extend(rows)
-    inverse = torch.empty(len(index), dtype=torch.long, device=mask.device)
-    inverse[torch.tensor(index, device=mask.device)] = torch.arange(len(index), device=mask.device)
-    return torch.cat(outs).index_select(0, inverse)
+        outs.append(fn(**select_rows(features, order[start:start + len(rows)])))
+        start += len(rows)
+    return restore_order(torch.cat(outs), order)
 
 
 def padded_tokens(features: Dict[str, torch.Tensor], max_buckets: int, overhead_tokens: int = 0) -> int:

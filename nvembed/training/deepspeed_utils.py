@@ -158,6 +158,12 @@ def grad_norm(acc) -> Optional[float]:
 
 
 # ---- ZeRO-3 gathering ---------------------------------------------------------------------------------------------
+def sharded(acc, model) -> bool:
+    """True when the model's weights are ZeRO-3 partitions across several processes (after the engine is built,
+    or from the start with ``zero3_init_flag``): then every forward is a collective all ranks must join."""
+    return acc.num_processes > 1 and any(hasattr(p, "ds_id") for p in model.parameters())
+
+
 @contextlib.contextmanager
 def gathered(acc, params: Iterable[torch.nn.Parameter]):
     """Full (gathered) parameters inside the block under ZeRO-3 on every rank (a collective); else a no-op.

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..cli import resolve_path
+from . import deepspeed_utils as ds_utils
 
 
 class EmbedderEncoder:
@@ -98,12 +99,6 @@ def _labels(label: str, cfg) -> Dict[Any, str]:
     return {None: label, **{int(d): f"{label}@{int(d)}" for d in cfg.eval.truncate_dims}}
 
 
-def _sharded_weights(acc, model) -> bool:
-    """True when the weights are ZeRO-3 partitions (after the engine is built, or from the start with
-    ``zero3_init_flag``)."""
-    return acc.num_processes > 1 and any(hasattr(p, "ds_id") for p in model.parameters())
-
-
 def maybe_evaluate(trainer, label: str) -> Optional[Dict[str, Any]]:
     cfg = trainer.cfg
     if not cfg.eval.enabled:
@@ -117,7 +112,7 @@ def maybe_evaluate(trainer, label: str) -> Optional[Dict[str, Any]]:
     if all(os.path.isfile(p) for p in paths.values()):
         with open(paths[None]) as f:
             result = json.load(f)
-    elif acc.is_main_process or _sharded_weights(acc, trainer.embedder):
+    elif acc.is_main_process or ds_utils.sharded(acc, trainer.embedder):
         # ZeRO-3: every forward gathers weights from all ranks, so every rank encodes (the same texts); rank 0 writes
         trainer._log_line(f"evaluating ({label})")
         enc = EmbedderEncoder(acc.unwrap_model(trainer.model), label, cfg.eval.max_length, acc.autocast)

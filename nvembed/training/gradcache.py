@@ -27,6 +27,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from ..losses import LossOutput
+from ..model.bucketing import restore_order, select_rows
 from .distributed import sync_context
 
 
@@ -48,34 +49,14 @@ class RandState:
             yield
 
 
-def split_features(feats: Dict[str, torch.Tensor], chunk: int) -> List[Dict[str, torch.Tensor]]:
-    """Row chunks of a tokenized batch, each trimmed to its own longest sequence (less padding per chunk)."""
-    n = feats["input_ids"].shape[0]
-    out = []
-    for s in range(0, n, chunk):
-        part = {k: v[s:s + chunk] for k, v in feats.items()}
-        mask = part["attention_mask"]
-        if mask.dim() == 2 and mask.shape[1] > 0:
-            used = mask.sum(0).nonzero()
-            if len(used) and mask[:, 0].all():  # right padding: drop all-padding columns at the end
-                keep = int(used.max()) + 1
-                part = {k: v[:, :keep] if v.dim() == 2 and v.shape[1] == mask.shape[1] else v for k, v in part.items()}
-        out.append(part)
-    return out
+def split_features(feats: Dict[str, torch.Tensor], chunk: int, order: torch.Tensor) -> List[Dict[str, torch.Tensor]]:
+    """Chunks of ``chunk`` rows taken in ``order``, each cut to its own longest sequence (less padding per chunk)."""
+    return [select_rows(feats, order[s:s + chunk]) for s in range(0, len(order), chunk)]
 
 
-def _by_length(feats: Dict[str, torch.Tensor]) -> torch.Tensor:
+def by_length(feats: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """Row order longest first: chunks of neighbours in it have similar lengths."""
     return torch.argsort(feats["attention_mask"].sum(dim=1), descending=True, stable=True)
-
-
-def _rows(feats: Dict[str, torch.Tensor], order: torch.Tensor) -> Dict[str, torch.Tensor]:
-    return {k: v.index_select(0, order.to(v.device)) for k, v in feats.items()}
-
-
-def _unsort(emb: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    out = torch.empty_like(emb)
-    out[order.to(emb.device)] = emb
-    return out
 
 
 def _embed_no_grad(model, chunks, autocast, device) -> Tuple[torch.Tensor, List[RandState]]:
@@ -100,15 +81,15 @@ def grad_cache_backward(trainer, batch, st, loss_fn, scale: float = 1.0, sync: b
     device = batch.queries["input_ids"].device
     # chunks of similar length (rows sorted by length): each is padded only to its own longest text, and the
     # model's length bucketing finds nothing left to split into (tiny sub-batches would cost a call each)
-    q_order, d_order = _by_length(batch.queries), _by_length(batch.docs)
-    q_chunks = split_features(_rows(batch.queries, q_order), chunk)
-    d_chunks = split_features(_rows(batch.docs, d_order), chunk)
+    q_order, d_order = by_length(batch.queries), by_length(batch.docs)
+    q_chunks = split_features(batch.queries, chunk, q_order)
+    d_chunks = split_features(batch.docs, chunk, d_order)
 
     # pass 1: embeddings without graphs, back in batch order
     q, q_states = _embed_no_grad(model, q_chunks, acc.autocast, device)
     d, d_states = _embed_no_grad(model, d_chunks, acc.autocast, device)
-    q = _unsort(q, q_order).detach().float().requires_grad_(True)
-    d = _unsort(d, d_order).detach().float().requires_grad_(True)
+    q = restore_order(q, q_order).detach().float().requires_grad_(True)
+    d = restore_order(d, d_order).detach().float().requires_grad_(True)
 
     # loss on the cached embeddings (cross-device gather included), gradient w.r.t. the embeddings only
     with acc.autocast():

@@ -7,6 +7,7 @@ GradCache: ``gradcache.py``; metrics: ``tracking.py``).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -29,26 +30,20 @@ class TrainingError(RuntimeError):
     pass
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_bf16_is_fast() -> bool:
     """Measure, do not assume: bf16 matmul is ~3x faster than fp32 on CPUs with AVX512-BF16/AMX and many times
-    slower on others (e.g. AVX2-only x86, where it is emulated). A ~0.1 s probe decides."""
-    global _BF16_FAST
-    if _BF16_FAST is None:
-        import time as _t
+    slower on others (e.g. AVX2-only x86, where it is emulated). A ~0.1 s probe decides, once per process."""
 
-        def speed(dtype):
-            a, b = torch.randn(256, 512, dtype=dtype), torch.randn(512, 512, dtype=dtype)
+    def speed(dtype):
+        a, b = torch.randn(256, 512, dtype=dtype), torch.randn(512, 512, dtype=dtype)
+        a @ b
+        t0 = time.perf_counter()
+        for _ in range(3):
             a @ b
-            t0 = _t.perf_counter()
-            for _ in range(3):
-                a @ b
-            return _t.perf_counter() - t0
+        return time.perf_counter() - t0
 
-        _BF16_FAST = speed(torch.bfloat16) < 0.8 * speed(torch.float32)
-    return _BF16_FAST
-
-
-_BF16_FAST = None
+    return speed(torch.bfloat16) < 0.8 * speed(torch.float32)
 
 
 def resolve_precision(precision: str) -> str:
