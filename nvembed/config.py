@@ -98,6 +98,11 @@ class ModelConfig:
     length_bucket_overhead: int = 64
     """Cost of one more sub-batch, in padded tokens: a split is made only where it saves more padding than this
     (raise it on GPUs, where small sub-batches use the device poorly)."""
+    compile: bool = False
+    """``torch.compile`` each decoder layer (regional compilation: all layers share one compiled graph, so compiling
+    costs the same for 2 or 80 layers, about a minute on a 2-core CPU, plus ~15 s for each new variant: no-grad
+    evaluation, a sub-batch without padding). Same results to float rounding; worth it for runs longer than a few
+    minutes (docs/benchmarks.md). Not with ZeRO-3, whose weight-gathering hooks torch.compile cannot trace."""
     query_template: str = "Instruct: {instruction}\nQuery: "
     """Prefix put before a query when its task has an instruction (NV-Embed / E5-mistral template)."""
     pooling: PoolingConfig = field(default_factory=PoolingConfig)

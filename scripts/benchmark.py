@@ -67,7 +67,7 @@ def make_data(args):
     return triplets(n, args.length) if args.data == "synthetic" else demo_triplets(n, args.batch)
 
 
-def model_cfg(args, buckets=None):
+def model_cfg(args, buckets=None, compile_layers=False):
     from nvembed.config import LoraConfig, ModelConfig, PoolingConfig
 
     lora = LoraConfig(enabled=True, r=16, alpha=32, dropout=0.0)
@@ -79,6 +79,7 @@ def model_cfg(args, buckets=None):
         cfg = ModelConfig(gguf_file=GGUF, pooling=pool, lora=lora, add_eos=False)
     if buckets is not None:
         cfg.length_buckets = buckets
+    cfg.compile = compile_layers
     return cfg
 
 
@@ -90,7 +91,7 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def nvembed_step(args, chunk, buckets=None):
+def nvembed_step(args, chunk, buckets=None, compile_layers=False):
     """(step(part) -> (real tokens, computed tokens), device, load seconds) for nvembed's training step."""
     import torch
 
@@ -104,7 +105,7 @@ def nvembed_step(args, chunk, buckets=None):
     from nvembed.training.trainer import Trainer, make_accelerator
 
     t0 = time.time()
-    cfg = RunConfig(model=model_cfg(args, buckets), precision=args.precision)
+    cfg = RunConfig(model=model_cfg(args, buckets, compile_layers), precision=args.precision)
     st = StageConfig(batch_size=args.batch, grad_cache_chunk_size=chunk, query_max_length=args.length,
                      doc_max_length=args.length, num_hard_negatives=1, max_grad_norm=0)
     cfg.loss.temperature = 0.05
@@ -231,7 +232,9 @@ def make_step(args, name):
     if name.startswith("nvembed"):
         # nvembed_padded: the same step without length bucketing, i.e. what bucketing saves
         buckets = 1 if name == "nvembed_padded" else args.buckets
-        return nvembed_step(args, args.chunk if name == "nvembed_gc" else 0, buckets)
+        # nvembed_compiled / nvembed_gc_compiled: model.compile=true (compiling happens in the warm-up steps)
+        return nvembed_step(args, args.chunk if name.startswith("nvembed_gc") else 0, buckets,
+                            compile_layers=name.endswith("_compiled"))
     return st_step(args, cached=name == "st_cached")
 
 
@@ -283,7 +286,8 @@ def main():
     ap.add_argument("--buckets", type=int, default=None, help="nvembed model.length_buckets (default: the config's)")
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32", "fp16"])
     ap.add_argument("--configs", default="nvembed,nvembed_gc,st,st_cached",
-                    help="any of nvembed, nvembed_padded (length_buckets=1), nvembed_gc, st, st_cached")
+                    help="any of nvembed, nvembed_padded (length_buckets=1), nvembed_compiled (model.compile), "
+                         "nvembed_gc, nvembed_gc_compiled, st, st_cached")
     ap.add_argument("--paired", action="store_true",
                     help="speed only: all --configs in one process, taking turns on each batch (peak memory is "
                          "only measured per configuration, without this flag); the last config is the baseline")
@@ -318,7 +322,9 @@ def main():
           f"precision {args.precision}  chunk {args.chunk}  median of {args.steps} steps")
     for batch in args.batch:
         for a, b in (("nvembed", "st"), ("nvembed_padded", "st"), ("nvembed", "nvembed_padded"),
-                     ("nvembed_gc", "st_cached"), ("nvembed_gc", "nvembed")):
+                     ("nvembed_compiled", "st"), ("nvembed_compiled", "nvembed"),
+                     ("nvembed_gc", "st_cached"), ("nvembed_gc", "nvembed"),
+                     ("nvembed_gc_compiled", "st_cached"), ("nvembed_gc_compiled", "nvembed_compiled")):
             if (a, batch) in by and (b, batch) in by:
                 ra, rb = by[(a, batch)], by[(b, batch)]
                 print(f"batch {batch}: {a} / {b}: speed x{ra['seq_per_s'] / rb['seq_per_s']:.2f}, "

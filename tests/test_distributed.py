@@ -149,6 +149,18 @@ def ddp_run(tmp_path_factory):
     return out
 
 
+def test_zero3_refuses_compile_before_writing(tmp_path):
+    """model.compile under ZeRO-3 stops at once with an error naming the key, and writes nothing."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "run"
+    proc = subprocess.run(_accelerate("recipes/accelerate/zero3.yaml", *SMOKE, f"output_dir={out}",
+                                      "model.compile=true", port=7),
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    assert "config error: 'model.compile=true' does not work with DeepSpeed ZeRO-3" in proc.stderr
+    assert not out.exists()
+
+
 def _torchrun(*args, port=0):
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
             "--master_port", str(29600 + os.getpid() % 1000 + port), *args]

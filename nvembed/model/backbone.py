@@ -103,6 +103,24 @@ def trim_layers(model: nn.Module, num_layers: int) -> None:
         model.config.layer_types = model.config.layer_types[:num_layers]
 
 
+def compile_layers(model: nn.Module) -> None:
+    """``torch.compile`` every decoder layer in place (``model.compile``). Regional compilation: the layers run the
+    same code, so dynamo compiles one graph per variant and reuses it for all of them; state-dict keys are unchanged.
+    ``dynamic=True`` because length bucketing gives every call a new sequence length."""
+    import torch._dynamo
+
+    layers = getattr(model, "layers", None)
+    if layers is None:
+        raise ValueError("model.compile: this backbone has no `.layers` list to compile")
+    # variants per layer: first layer's input has no grad, sub-batches without padding have no mask, no-grad
+    # evaluation / GradCache's first pass, batch of one: more than dynamo's default limit of 8, which falls back to
+    # eager silently
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, 32)
+    for layer in layers:
+        layer.compile(dynamic=True)
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 

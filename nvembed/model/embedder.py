@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import ModelConfig
-from .backbone import DTYPES, apply_lora, load_backbone, load_tokenizer
+from .backbone import DTYPES, apply_lora, compile_layers, load_backbone, load_tokenizer
 from .bucketing import bucketed_forward
 from .inputs import build_prompt, tokenize
 from .pooling import Pooler
@@ -54,7 +54,9 @@ class Embedder(nn.Module):
     def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
         # positions count real tokens only: with left padding a text then gets the same embedding in any batch
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
+        # use_cache=False: an embedder never decodes, and a KV cache would hold every layer's keys and values
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                            use_cache=False)
         return self.pooler(out.last_hidden_state, attention_mask, pool_mask)
 
     def features(self, texts: Sequence[str], instructions: Optional[Sequence[Optional[str]]] = None,
@@ -134,4 +136,7 @@ def build_embedder(cfg: ModelConfig, seed: Optional[int] = None) -> Embedder:
     if not cfg.lora.enabled:
         for p in backbone.parameters():
             p.requires_grad_(True)
-    return Embedder(backbone, pooler, tokenizer, cfg)
+    embedder = Embedder(backbone, pooler, tokenizer, cfg)
+    if cfg.compile:  # after LoRA, so its modules are inside the compiled layers
+        compile_layers(embedder.base_model)
+    return embedder

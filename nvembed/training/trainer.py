@@ -96,6 +96,7 @@ class Trainer:
         from ..model import build_embedder
 
         acc = self.accelerator = make_accelerator(self.cfg.precision)
+        ds_utils.check_compile(acc, self.cfg.model.compile)  # before anything is written
         if acc.is_main_process:
             ckpt.guard_output_dir(self.out, self.cfg.resume)
         acc.wait_for_everyone()

@@ -227,6 +227,7 @@ class NVEmbedModel(NVEmbedPreTrainedModel):
             pool_mask = attention_mask
         if "position_ids" not in kwargs:  # as in training: positions count real tokens (left padding safe)
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        kwargs.setdefault("use_cache", False)  # no KV cache: embedding never decodes
         out = self.embedding_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         return self.pool(out.last_hidden_state, attention_mask, pool_mask)
 
