@@ -186,7 +186,7 @@ def dequantised_folder(args):
     return folder
 
 
-def st_step(args, cached):
+def st_step(args, cached, compile_layers=False):
     """The same training step done by sentence-transformers (MNRL, or CMNRL with ``cached``)."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -203,6 +203,9 @@ def st_step(args, cached):
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     peft_model = get_peft_model(auto, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets))
     word.auto_model = peft_model
+    if compile_layers:  # st_compiled: the same regional torch.compile as nvembed's model.compile
+        from nvembed.model.backbone import compile_layers as compile_
+        compile_(peft_model.get_base_model())
     pool = models.Pooling(word.get_word_embedding_dimension(), pooling_mode="mean")
     model = SentenceTransformer(modules=[word, pool, models.Normalize()], device=str(device))
     load_s = time.time() - t0
@@ -235,7 +238,7 @@ def make_step(args, name):
         # nvembed_compiled / nvembed_gc_compiled: model.compile=true (compiling happens in the warm-up steps)
         return nvembed_step(args, args.chunk if name.startswith("nvembed_gc") else 0, buckets,
                             compile_layers=name.endswith("_compiled"))
-    return st_step(args, cached=name == "st_cached")
+    return st_step(args, cached=name.startswith("st_cached"), compile_layers=name.endswith("_compiled"))
 
 
 def paired(args):
@@ -287,7 +290,7 @@ def main():
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32", "fp16"])
     ap.add_argument("--configs", default="nvembed,nvembed_gc,st,st_cached",
                     help="any of nvembed, nvembed_padded (length_buckets=1), nvembed_compiled (model.compile), "
-                         "nvembed_gc, nvembed_gc_compiled, st, st_cached")
+                         "nvembed_gc, nvembed_gc_compiled, st, st_compiled, st_cached")
     ap.add_argument("--paired", action="store_true",
                     help="speed only: all --configs in one process, taking turns on each batch (peak memory is "
                          "only measured per configuration, without this flag); the last config is the baseline")
@@ -322,7 +325,7 @@ def main():
           f"precision {args.precision}  chunk {args.chunk}  median of {args.steps} steps")
     for batch in args.batch:
         for a, b in (("nvembed", "st"), ("nvembed_padded", "st"), ("nvembed", "nvembed_padded"),
-                     ("nvembed_compiled", "st"), ("nvembed_compiled", "nvembed"),
+                     ("nvembed_compiled", "st"), ("nvembed_compiled", "nvembed"), ("nvembed_compiled", "st_compiled"),
                      ("nvembed_gc", "st_cached"), ("nvembed_gc", "nvembed"),
                      ("nvembed_gc_compiled", "st_cached"), ("nvembed_gc_compiled", "nvembed_compiled")):
             if (a, batch) in by and (b, batch) in by:

@@ -99,6 +99,7 @@ def load_embedder(path: str):
     run_cfg = load_run_config(run_dir) if run_dir else None
     with open(os.path.join(weights, MODEL_CONFIG)) as f:  # unscrubbed, unlike config.yaml
         model_cfg = model_from_dict(json.load(f))
+    model_cfg.compile = False  # a training speed setting: export runs a handful of forwards, compiling costs a minute
     roots = [os.getcwd(), REPO] + ([Path(run_dir).parent] if run_dir else [])
     model_cfg.tokenizer = _resolve(model_cfg.tokenizer, roots)
     model_cfg.name_or_path = _resolve(model_cfg.name_or_path, roots)

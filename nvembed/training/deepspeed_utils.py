@@ -47,7 +47,7 @@ def zero_stage(acc) -> int:
 
 def check_compile(acc, enabled: bool) -> None:
     """``model.compile`` is refused under ZeRO-3: its weight-gathering hooks run inside every layer call, dynamo
-    recompiles on each one until it hits its limit and falls back to eager (seen here: 35x slower smoke steps)."""
+    recompiles on each one until it hits its limit and falls back to eager (seen here: 6 smoke steps in 207 s)."""
     if enabled and zero_stage(acc) == 3:
         from ..config import ConfigError
 
