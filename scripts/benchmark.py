@@ -1,14 +1,15 @@
 """Training-step throughput and peak memory: nvembed (plain / GradCache) vs sentence-transformers (MNRL / CMNRL).
 
-Every configuration runs in its own subprocess (so peak RSS / peak CUDA memory is its own), on the same synthetic
-triplets (query, positive, one hard negative), same backbone, same lengths, mean pooling, LoRA on both sides, the
-same precision (bf16 autocast by default), AdamW. Reports medians over the measured steps (after warm-up).
+Same triplets (query, positive, one hard negative; real demo data by default), same backbone, same lengths, mean
+pooling, LoRA on both sides, the same precision, AdamW. Default mode: every configuration in its own subprocess (so
+peak RSS / peak CUDA memory is its own). ``--paired``: all configurations in one process, taking turns on each batch,
+with the per-batch speed ratio of every pair (speed only). Reports medians over the measured steps (after warm-up).
 
     python scripts/benchmark.py --tiny                       # random tiny Llama: seconds
     python scripts/benchmark.py --batch 16 --length 64       # SmolLM2-135M (offline GGUF), the issue's setting
-    python scripts/benchmark.py --configs nvembed,st --steps 3
+    python scripts/benchmark.py --paired --configs nvembed_compiled,nvembed,st --steps 9 --warmup 2 --precision fp32
 
-Tokens/s counts real (non-padding) tokens only.
+Tokens/s counts real (non-padding) tokens only. docs/benchmarks.md has the results and their commands.
 """
 
 from __future__ import annotations
@@ -259,16 +260,26 @@ def paired(args):
             if i >= args.warmup:
                 times[name].append(time.time() - t)
                 tokens[name].append((real, comp))
-    base = names[-1]
+    report_paired(args, times, tokens)
+    print("PAIRED " + json.dumps({"times": times, "tokens": tokens}))
+
+
+def report_paired(args, times, tokens):
+    """Per configuration: median s/step and tokens; per pair (a listed before b): b's time / a's time per batch
+    (a's speed relative to b; 1/x is a's time overhead), median and range, and the same over the whole run."""
+    names = list(times)
     print(f"paired, in one process: {args.steps} batches of {args.batch} (data {args.data}, length {args.length}, "
           f"precision {args.precision})")
     for name in names:
-        ratios = [b / a for a, b in zip(times[name], times[base])]
-        print(f"{name:15s} median {statistics.median(times[name]):6.2f} s/step  real tokens/step "
+        print(f"{name:20s} median {statistics.median(times[name]):6.2f} s/step  real tokens/step "
               f"{statistics.median(t[0] for t in tokens[name]):6.0f}  computed "
-              f"{statistics.median(t[1] for t in tokens[name]):6.0f}  speed vs {base}: median of per-batch ratios "
-              f"x{statistics.median(ratios):.2f} (range {min(ratios):.2f}-{max(ratios):.2f})", flush=True)
-    print("PAIRED " + json.dumps({"times": times, "tokens": tokens}))
+              f"{statistics.median(t[1] for t in tokens[name]):6.0f}", flush=True)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            ratios = [tb / ta for ta, tb in zip(times[a], times[b])]
+            med, total = statistics.median(ratios), sum(times[b]) / sum(times[a])
+            print(f"{a} vs {b}: speed x{med:.2f} (range {min(ratios):.2f}-{max(ratios):.2f}; time x{1 / med:.2f}), "
+                  f"whole run x{total:.2f}", flush=True)
 
 
 def one(args):

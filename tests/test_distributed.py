@@ -48,6 +48,11 @@ def _accelerate(config, *args, port=0):
             "--main_process_port", str(29500 + os.getpid() % 1000 + port), *args]
 
 
+def _torchrun(*args, port=0):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", str(29600 + os.getpid() % 1000 + port), *args]
+
+
 def test_gradcache_single_process_equals_plain(tmp_path):
     out = str(tmp_path / "single")
     _run([sys.executable, WORKER, "ddp", out], tmp_path)
@@ -147,23 +152,6 @@ def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "run"
     _run(_torchrun(*SMOKE, f"output_dir={out}"), None)
     return out
-
-
-def test_zero3_refuses_compile_before_writing(tmp_path):
-    """model.compile under ZeRO-3 stops at once with an error naming the key, and writes nothing."""
-    pytest.importorskip("deepspeed")
-    out = tmp_path / "run"
-    proc = subprocess.run(_accelerate("recipes/accelerate/zero3.yaml", *SMOKE, f"output_dir={out}",
-                                      "model.compile=true", port=7),
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
-    assert proc.returncode != 0
-    assert "config error: 'model.compile=true' does not work with DeepSpeed ZeRO-3" in proc.stderr
-    assert not out.exists()
-
-
-def _torchrun(*args, port=0):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_port", str(29600 + os.getpid() % 1000 + port), *args]
 
 
 def test_zero3_smoke_training_exports_full_weights(zero3_run):
@@ -283,3 +271,15 @@ def test_zero3_offload_matches_ddp(ddp_run, tmp_path):
     _run(_accelerate("recipes/accelerate/zero3_offload.yaml", *SMOKE, f"output_dir={out}", "export_final=false"),
          tmp_path, timeout=480)
     _assert_same_run(ddp_run, out, rel=1e-5, lr_rel=1e-6, atol=1e-5, subs=("stage1/final", "stage2/final"))
+
+
+def test_zero3_refuses_compile_before_writing(tmp_path):
+    """model.compile under ZeRO-3 stops at once with an error naming the key, and writes nothing."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "run"
+    proc = subprocess.run(_accelerate("recipes/accelerate/zero3.yaml", *SMOKE, f"output_dir={out}",
+                                      "model.compile=true", port=7),
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    assert "config error: 'model.compile=true' does not work with DeepSpeed ZeRO-3" in proc.stderr
+    assert not out.exists()

@@ -104,7 +104,7 @@ def _fill_config(acc, embedder, st) -> None:
 def _same_module_calls_on_every_rank(acc, embedder) -> None:
     """ZeRO-3 gathers a module's weights (a collective) at each call of it: length bucketing must then split every
     batch into the same number of backbone calls on every rank, whatever the lengths."""
-    if zero_stage(acc) == 3 and acc.num_processes > 1 and hasattr(embedder, "fixed_bucket_count"):
+    if zero_stage(acc) == 3 and acc.num_processes > 1:
         embedder.fixed_bucket_count = True
 
 
