@@ -14,12 +14,16 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from ..errors import UserError
+
 TASKS = ("retrieval", "classification", "clustering", "sts")
 LOCAL_FORMATS = ("jsonl", "csv", "tsv", "parquet")
 
 
-class SpecError(ValueError):
+class SpecError(UserError, ValueError):
     """A data spec or a row of its data is invalid; the message names the file, line (or row) and field."""
+
+    kind = "data"
 
 
 @dataclass

@@ -25,13 +25,17 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from ..errors import UserError
+
 STATE = "state.json"
 RUN_MARKER = "run.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
-class RunDirError(RuntimeError):
-    pass
+class RunDirError(UserError, RuntimeError):
+    """The output folder cannot be used as asked (it holds another run, or no run to resume)."""
+
+    kind = "run folder"
 
 
 def guard_output_dir(output_dir: str, resume: bool) -> None:
