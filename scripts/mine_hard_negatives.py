@@ -7,7 +7,10 @@
 
 Input JSONL rows: ``{"query": ..., "positive": ...}`` or ``{"query": ..., "positives": [...]}`` (rows with the same
 query are merged). Corpus: JSONL with ``text`` (+``title``) or ``.txt`` lines; default = the pool of positives.
-Writes ``--out`` (JSONL: query, positives, negatives, negative_scores, positive_scores) and ``<out>.yaml`` (spec).
+Writes ``--out`` (JSONL: query, positives, negatives, negative_scores, positive_scores) and its data spec
+``<out>.yaml`` (or ``--spec``), which the trainer loads as is: ``stage_defs.stage1.datasets=[/abs/path/out.yaml]``.
+The spec's instruction is ``--instruction`` (also given to the teacher unless ``--no-instructions``); the mining
+parameters are recorded under its ``provenance``.
 """
 
 from __future__ import annotations
@@ -22,13 +25,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from nvembed.errors import cli  # noqa: E402
 
+
+@cli
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", required=True, help="teacher model folder (see nvembed.eval.encoders.load_encoder)")
     ap.add_argument("--input", "--queries", dest="input", required=True, help="query/positive JSONL")
     ap.add_argument("--corpus", default=None, help="candidate documents (JSONL or .txt); default: positives pool")
     ap.add_argument("--out", required=True, help="output JSONL (spec YAML written next to it)")
+    ap.add_argument("--spec", default=None, help="where to write the data spec (default: --out with .yaml)")
+    ap.add_argument("--name", default=None, help="dataset name in the spec (default: the --out file stem)")
     ap.add_argument("--rule", default="topk_percpos", choices=["topk_percpos", "topk_marginpos", "topk_abs", "topk"])
     ap.add_argument("--margin", type=float, default=None,
                     help="rule parameter (defaults: percpos 0.95, marginpos 0.05, abs 0.7)")
@@ -37,8 +45,12 @@ def main(argv=None) -> int:
     ap.add_argument("--num-negatives", type=int, default=4)
     ap.add_argument("--sampling", default="top", choices=["top", "random"])
     ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--instruction", default=None, help="teacher query instruction")
+    ap.add_argument("--instruction", default=None,
+                    help="the task's one-sentence instruction: for the teacher's queries and the written spec "
+                         "(default in the spec: 'Given a query, retrieve relevant documents')")
     ap.add_argument("--no-instructions", action="store_true", help="teacher ignores instructions (e.g. MiniLM)")
+    ap.add_argument("--trust-remote-code", action="store_true",
+                    help="allow Python code shipped in the teacher folder to run (nvembed exports never need it)")
     ap.add_argument("--cache", default=None, help="embedding cache folder (resumable)")
     ap.add_argument("--faiss", action="store_true", help="use FAISS IndexFlatIP (pip install faiss-cpu)")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -51,13 +63,16 @@ def main(argv=None) -> int:
     from nvembed.eval.encoders import load_encoder
     from nvembed.mining import MiningRule, mine_file
 
-    rule = MiningRule(rule=a.rule, margin=a.margin, range_min=a.range[0],
-                      range_max=a.range[1] if a.range[1] > 0 else None, num_negatives=a.num_negatives,
-                      sampling=a.sampling, seed=a.seed)
+    try:
+        rule = MiningRule(rule=a.rule, margin=a.margin, range_min=a.range[0],
+                          range_max=a.range[1] if a.range[1] > 0 else None, num_negatives=a.num_negatives,
+                          sampling=a.sampling, seed=a.seed)
+    except ValueError as e:
+        ap.error(str(e))
     teacher = load_encoder(a.teacher, use_instructions=False if a.no_instructions else None,
-                           max_seq_length=a.max_seq_length, device=a.device)
+                           max_seq_length=a.max_seq_length, device=a.device, trust_remote_code=a.trust_remote_code)
     stats = mine_file(teacher, a.input, a.out, corpus_path=a.corpus, rule=rule, instruction=a.instruction,
-                      batch_size=a.batch_size, cache_dir=a.cache, use_faiss=a.faiss,
+                      spec_path=a.spec, name=a.name, batch_size=a.batch_size, cache_dir=a.cache, use_faiss=a.faiss,
                       query_chunk_size=a.query_chunk_size, doc_chunk_size=a.doc_chunk_size)
     print(json.dumps({"out": a.out, **stats}))
     return 0

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import yaml
 
+from nvembed.data import build_stage_data
+from nvembed.data.spec import load_spec
 from nvembed.mining import MiningRule, chunked_topk, encode_with_cache, faiss_available, mine_hard_negatives
 from nvembed.mining.topk import faiss_topk
 
@@ -127,7 +129,7 @@ def _load_script(name):
     return mod
 
 
-def test_mining_cli(tmp_path, capsys, monkeypatch):
+def _cli_inputs(tmp_path, monkeypatch):
     queries, positives, corpus = _toy()
     inp = tmp_path / "pairs.jsonl"
     with open(inp, "w") as f:
@@ -136,10 +138,14 @@ def test_mining_cli(tmp_path, capsys, monkeypatch):
                 f.write(json.dumps({"query": q, "positive": p, "instruction": "x"}) + "\n")
     corp = tmp_path / "corpus.jsonl"
     corp.write_text("".join(json.dumps({"_id": str(i), "text": t}) + "\n" for i, t in enumerate(corpus)))
-    mod = _load_script("mine_hard_negatives")
     import nvembed.eval.encoders as enc_mod
 
-    monkeypatch.setattr(enc_mod, "load_encoder", lambda *a, **k: HashEncoder())
+    monkeypatch.setattr(enc_mod, "load_encoder", lambda *a, **k: HashEncoder())  # the teacher is not under test
+    return inp, corp, _load_script("mine_hard_negatives")
+
+
+def test_mining_cli(tmp_path, capsys, monkeypatch):
+    inp, corp, mod = _cli_inputs(tmp_path, monkeypatch)
     out = tmp_path / "mined" / "train.jsonl"
     assert mod.main(["--teacher", "dummy", "--input", str(inp), "--corpus", str(corp), "--out", str(out),
                      "--rule", "topk_abs", "--margin", "0.99", "--range", "0", "20", "--num-negatives", "2",
@@ -149,6 +155,39 @@ def test_mining_cli(tmp_path, capsys, monkeypatch):
     rows = [json.loads(l) for l in out.read_text().splitlines()]
     assert len(rows) == 5 and all(len(r["positives"]) == 2 and len(r["negatives"]) == 2 for r in rows)
     assert set(rows[0]) >= {"query", "positives", "negatives", "negative_scores", "positive_scores", "instruction"}
-    spec = yaml.safe_load(out.with_suffix(".yaml").read_text())
-    assert spec["path"] == "train.jsonl" and spec["mining"]["rule"] == "topk_abs"
-    assert spec["mining"]["margin"] == 0.99 and spec["num_examples"] == 5
+    # the spec is the trainer's schema, loads as written, and the data layer reads the rows with teacher scores
+    spec_path = out.with_suffix(".yaml")
+    spec = load_spec(spec_path)
+    assert yaml.safe_load(spec_path.read_text()) == spec.to_dict()
+    assert spec.name == "train" and spec.source.path == "train.jsonl" and spec.task == "retrieval"
+    assert spec.instruction == "Given a query, retrieve relevant documents"  # no --instruction: the default
+    assert spec.provenance["rule"] == "topk_abs" and spec.provenance["margin"] == 0.99
+    assert spec.provenance["num_queries"] == 5 and spec.provenance["corpus"] == str(corp)
+    data = build_stage_data([str(spec_path)], num_hard_negatives=2, batch_size=5, log=lambda *_: None)
+    by_query = {r["query"]: r for r in rows}
+    for ex in data.batch(0):
+        row = by_query[ex.query]
+        assert ex.positive in row["positives"] and ex.negatives == row["negatives"]
+        assert ex.teacher_scores == [row["positive_scores"][row["positives"].index(ex.positive)],
+                                     *row["negative_scores"]]
+
+
+def test_mining_cli_errors_keep_earlier_output(tmp_path, capsys, monkeypatch):
+    inp, corp, mod = _cli_inputs(tmp_path, monkeypatch)
+    out = tmp_path / "train.jsonl"
+    args = ["--teacher", "dummy", "--input", str(inp), "--corpus", str(corp), "--out", str(out)]
+    assert mod.main(args + ["--instruction", "Find documents", "--spec", str(tmp_path / "s.yaml")]) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    capsys.readouterr()
+    # a spec that would not load, and a malformed input line: one-line errors, exit 2, nothing written
+    with pytest.raises(SystemExit) as e:
+        mod.main(args + ["--name", " ", "--spec", str(tmp_path / "s.yaml")])
+    assert e.value.code == 2 and "s.yaml: 'name' is empty" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(inp.read_text() + "{not json\n")
+    before[bad.name] = bad.read_bytes()
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--teacher", "dummy", "--input", str(bad), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("nvembed: data error: ") and f"bad.jsonl:11: not a JSON line" in err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before

@@ -2,12 +2,15 @@
 
 Validation never reads the data source, so every shipped spec can be checked offline; errors name the spec file and
 the offending key (with the valid keys), so a typo fails in milliseconds instead of hours into a run.
+Tools that write training data (miner, synthesis, demo preparation) emit their spec with :func:`write_spec`, which
+validates it as :func:`load_spec` will and writes what loads back unchanged: one schema, read and written here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -103,6 +106,9 @@ class DataSpec:
     """Instruction on documents too; default True for sts, False otherwise."""
     description: str = ""
     """Free text (origin, license notes)."""
+    provenance: Dict[str, Any] = field(default_factory=dict)
+    """Free-form record of how the data was made (tool, teacher, mining rule, input files, counts), written by the
+    tool that wrote the data; kept with the spec, never read by training."""
     path: str = ""
     """Where the spec was loaded from (set by load_spec, not a YAML key)."""
 
@@ -116,6 +122,26 @@ class DataSpec:
             return None
         p = Path(rel).expanduser()
         return p if p.is_absolute() or not self.path else Path(self.path).parent / p
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The YAML mapping of this spec: keys at their default are left out, ``path`` is not a key."""
+        out: Dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("source", "fields"):
+                value = {g.name: getattr(value, g.name) for g in dataclasses.fields(value)
+                         if getattr(value, g.name) != _default(g)}
+                if value or f.name == "source":  # source is required, even when (invalidly) empty
+                    out[f.name] = value
+            elif f.name != "path" and (_default(f) is dataclasses.MISSING or value != _default(f)):
+                out[f.name] = value
+        return out
+
+
+def _default(f: "dataclasses.Field[Any]") -> Any:
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return f.default
 
 
 REQUIRED_FIELDS = {
@@ -175,6 +201,7 @@ def parse_spec(raw: Any, file: str) -> DataSpec:
     _check_type(file, "symmetric", spec.symmetric, bool)
     _check_type(file, "stages", spec.stages, list, allow_none=False)
     _check_type(file, "label_texts", spec.label_texts, dict, allow_none=False)
+    _check_type(file, "provenance", spec.provenance, dict, allow_none=False)
     spec.label_texts = {str(k): str(v) for k, v in spec.label_texts.items()}
     if not spec.name.strip():
         raise SpecError(f"{file}: 'name' is empty")
@@ -236,3 +263,24 @@ def load_spec(path: str | Path) -> DataSpec:
     except yaml.YAMLError as e:
         raise SpecError(f"{p}: invalid YAML: {e}") from None
     return parse_spec(raw, str(p))
+
+
+def write_spec(spec: DataSpec, path: str | Path, *, comment: str = "") -> Path:
+    """Write ``spec`` as YAML at ``path`` (``source.path``/``corpus`` relative to its folder, or absolute), with
+    ``comment`` lines on top as ``#`` comments; returns the path.
+
+    The text is validated as :func:`load_spec` will read it before anything is written (a bad spec raises
+    :class:`SpecError` naming ``path`` and the key), must load back equal to ``spec``, and replaces any earlier file
+    atomically, so an error never leaves a half-written or lost spec."""
+    p = Path(path)
+    head = "".join(f"# {line}".rstrip() + "\n" for line in comment.splitlines())
+    text = head + yaml.safe_dump(spec.to_dict(), sort_keys=False, allow_unicode=True, width=120)
+    back = parse_spec(yaml.safe_load(text), str(p))
+    if dataclasses.replace(back, path="") != dataclasses.replace(spec, path=""):
+        # a writer bug (a value YAML or the parser changes, e.g. a tuple or int label keys), not a user error
+        raise ValueError(f"{p}: spec does not load back unchanged: {back.to_dict()} != {spec.to_dict()}")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, p)
+    return p

@@ -9,12 +9,15 @@ Enough candidates are retrieved for the rank window to survive the removal of po
 positives, sentence-transformers PR #3872).
 
 Output records (JSONL, the retrieval data spec): ``{"query", "positives", "negatives", "negative_scores",
-"positive_scores", ...pass-through fields}``; :func:`write_mined` adds a spec YAML next to the JSONL.
+"positive_scores", ...pass-through fields}``; :func:`write_mined` writes them with their data spec (built by
+:func:`mined_spec`, written by :func:`nvembed.data.spec.write_spec`: the trainer loads it as is).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -22,6 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from nvembed.data.spec import DataSpec, FieldsSpec, SourceSpec, SpecError, parse_spec, write_spec
 from nvembed.mining.cache import encode_with_cache
 from nvembed.mining.rules import MiningRule, select_negatives
 from nvembed.mining.topk import search_topk
@@ -103,23 +107,37 @@ _QUERY_KEYS = ("query", "anchor", "question", "q")
 _POS_KEYS = ("positives", "positive", "pos", "document", "answer")
 
 
+def _jsonl(path):
+    """``(line number, row)`` of a JSONL file; a missing file or a bad line is a :class:`SpecError` naming it."""
+    try:
+        f = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{path}: file not found") from None
+    with f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SpecError(f"{path}:{n}: not a JSON line ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise SpecError(f"{path}:{n}: a row must be a JSON object")
+                yield n, row
+
+
 def read_pairs(path) -> List[Dict[str, Any]]:
     """Read query/positive JSONL rows and group them by query text: ``[{"query", "positives", **extra}]``.
     Accepted keys: query|anchor|question|q and positives (list) | positive | pos | document | answer."""
     groups: Dict[str, Dict[str, Any]] = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            r = json.loads(line)
-            qk = next((k for k in _QUERY_KEYS if k in r), None)
-            pk = next((k for k in _POS_KEYS if k in r), None)
-            if qk is None or pk is None:
-                raise ValueError(f"{path}:{n}: need a query key {_QUERY_KEYS} and a positive key {_POS_KEYS}")
-            ps = r[pk] if isinstance(r[pk], list) else [r[pk]]
-            g = groups.setdefault(r[qk], {"query": r[qk], "positives": [],
-                                          **{k: v for k, v in r.items() if k not in (qk, pk, "negatives")}})
-            g["positives"] += [p for p in ps if p not in g["positives"]]
+    for n, r in _jsonl(path):
+        qk = next((k for k in _QUERY_KEYS if k in r), None)
+        pk = next((k for k in _POS_KEYS if k in r), None)
+        if qk is None or pk is None:
+            raise SpecError(f"{path}:{n}: need a query key {_QUERY_KEYS} and a positive key {_POS_KEYS}")
+        ps = r[pk] if isinstance(r[pk], list) else [r[pk]]
+        g = groups.setdefault(r[qk], {"query": r[qk], "positives": [],
+                                      **{k: v for k, v in r.items() if k not in (qk, pk, "negatives")}})
+        g["positives"] += [p for p in ps if p not in g["positives"]]
     return list(groups.values())
 
 
@@ -127,40 +145,65 @@ def read_corpus(path) -> List[str]:
     """Corpus texts from ``.txt`` (one per line) or JSONL (``text`` with optional ``title``, BEIR-style)."""
     path = Path(path)
     if path.suffix == ".txt":
+        if not path.is_file():
+            raise SpecError(f"{path}: file not found")
         return [l.rstrip("\n") for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
     out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                r = json.loads(line)
-                t = r.get("text", "")
-                out.append(f"{r['title']}. {t}" if r.get("title") else t)
+    for n, r in _jsonl(path):
+        t = r.get("text", "")
+        out.append(f"{r['title']}. {t}" if r.get("title") else t)
     return out
 
 
-def write_mined(records: List[Dict[str, Any]], out_path, *, name: Optional[str] = None,
-                instruction: Optional[str] = None, mining: Optional[Dict[str, Any]] = None) -> Path:
-    """Write ``records`` as JSONL and a data spec ``<out stem>.yaml`` next to it; returns the spec path."""
-    import yaml
+MINED_FIELDS = FieldsSpec(query="query", positive="positives", negatives="negatives",
+                          positive_scores="positive_scores", negative_scores="negative_scores")
+DEFAULT_INSTRUCTION = "Given a query, retrieve relevant documents"
 
-    out_path = Path(out_path)
+
+def mined_spec(data_path, spec_path, *, name: Optional[str] = None, instruction: Optional[str] = None,
+               stages: Sequence[str] = (), description: str = "",
+               provenance: Optional[Dict[str, Any]] = None) -> DataSpec:
+    """The retrieval spec of a mined JSONL file (``source.path`` relative to ``spec_path``'s folder), validated."""
+    data_path, spec_path = Path(data_path), Path(spec_path)
+    rel = os.path.relpath(data_path.resolve(), spec_path.resolve().parent)
+    spec = DataSpec(name=name or data_path.stem, task="retrieval", instruction=instruction or DEFAULT_INSTRUCTION,
+                    source=SourceSpec(path=Path(rel).as_posix(),
+                                      format=None if data_path.suffix == ".jsonl" else "jsonl"),
+                    fields=dataclasses.replace(MINED_FIELDS), stages=list(stages), description=description,
+                    provenance=dict(provenance or {}))
+    parse_spec(spec.to_dict(), str(spec_path))  # a bad name/instruction fails here, before any mining
+    return spec
+
+
+def write_mined(records: List[Dict[str, Any]], out_path, spec: DataSpec, spec_path, *, comment: str = "") -> Path:
+    """Write ``records`` as JSONL at ``out_path`` and ``spec`` at ``spec_path``, each replaced atomically (a
+    failure keeps the earlier files); returns the spec path."""
+    out_path, spec_path = Path(out_path), Path(spec_path)
+    if out_path.resolve() == spec_path.resolve():
+        raise SpecError(f"{out_path}: the mined data and its spec would be the same file")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_path, "w", encoding="utf-8") as f:
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    spec = {"name": name or out_path.stem, "type": "retrieval", "format": "jsonl", "path": out_path.name,
-            "fields": {"query": "query", "positives": "positives", "negatives": "negatives",
-                       "negative_scores": "negative_scores", "positive_scores": "positive_scores"},
-            "instruction": instruction, "num_examples": len(records), "mining": mining or {}}
-    spec_path = out_path.with_suffix(".yaml")
-    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    return spec_path
+    os.replace(tmp, out_path)
+    return write_spec(spec, spec_path, comment=comment)
 
 
 def mine_file(teacher, input_path, out_path, *, corpus_path=None, rule: Optional[MiningRule] = None,
-              instruction: Optional[str] = None, **kw) -> Dict[str, Any]:
-    """Read pairs (and a corpus), mine, write JSONL + spec. Returns the stats dict."""
+              instruction: Optional[str] = None, spec_path=None, name: Optional[str] = None,
+              spec_instruction: Optional[str] = None, stages: Sequence[str] = (), description: str = "",
+              provenance: Optional[Dict[str, Any]] = None, comment: str = "", **kw) -> Dict[str, Any]:
+    """Read pairs (and a corpus), mine, write the JSONL and its data spec. Returns the stats dict.
+
+    ``instruction`` is the teacher's query instruction; the spec's is ``spec_instruction``, else ``instruction``,
+    else :data:`DEFAULT_INSTRUCTION`. ``spec_path`` defaults to ``<out_path>.yaml``. ``provenance`` entries
+    override the recorded ones (teacher, rule, input, corpus, counts)."""
     rule = rule or MiningRule()
+    out_path = Path(out_path)
+    spec_path = Path(spec_path) if spec_path else out_path.with_suffix(".yaml")
+    spec = mined_spec(out_path, spec_path, name=name, instruction=spec_instruction or instruction, stages=stages,
+                      description=description)
     rows = read_pairs(input_path)
     corpus = read_corpus(corpus_path) if corpus_path else None
     stats: Dict[str, Any] = {}
@@ -169,8 +212,12 @@ def mine_file(teacher, input_path, out_path, *, corpus_path=None, rule: Optional
     for rec, row in zip(recs, rows):
         for k, v in row.items():
             rec.setdefault(k, v)
-    mining = {"teacher": getattr(teacher, "name", ""), **rule.to_dict(), "input": str(input_path),
-              "corpus": str(corpus_path) if corpus_path else "positives pool", "faiss": bool(kw.get("use_faiss")),
-              "positive_reference": "min positive score", **stats}
-    stats["spec"] = str(write_mined(recs, out_path, instruction=instruction, mining=mining))
+    # no timings: re-mining the same inputs writes the same spec
+    used = instruction if getattr(teacher, "use_instructions", True) else None  # e.g. MiniLM ignores it
+    spec.provenance = {"tool": "nvembed.mining", "teacher": getattr(teacher, "name", ""),
+                       "teacher_instruction": used, **rule.to_dict(), "input": str(input_path),
+                       "corpus": str(corpus_path) if corpus_path else "positives pool",
+                       "faiss": bool(kw.get("use_faiss")), "positive_reference": "min positive score",
+                       **{k: v for k, v in stats.items() if k != "seconds"}, **(provenance or {})}
+    stats["spec"] = str(write_mined(recs, out_path, spec, spec_path, comment=comment))
     return stats

@@ -4,6 +4,7 @@ Rows carry their own task instruction. The data layer takes one ``instruction`` 
 per-row ``instruction`` field (``fields.instruction``), one spec per symmetric/asymmetric group is written
 (``mode="row"``); otherwise rows are grouped by instruction into one spec each (``mode="task"``), weighted by row
 count so the mixture matches one combined dataset. ``mode="auto"`` picks ``row`` when the data layer supports it.
+Specs are written with :func:`nvembed.data.spec.write_spec` (validated, and they load back unchanged).
 """
 
 from __future__ import annotations
@@ -16,12 +17,10 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
-import yaml
+from nvembed.data.spec import DataSpec, FieldsSpec, SourceSpec, write_spec
 
 
 def per_row_instruction_supported() -> bool:
-    from nvembed.data.spec import FieldsSpec
-
     return "instruction" in {f.name for f in dataclasses.fields(FieldsSpec)}
 
 
@@ -69,19 +68,13 @@ def write_specs(out_dir: str | Path, rows: Sequence[Dict[str, Any]], *, name: st
             instruction = key[1]
         data = spec_dir / "files" / f"{stem}.jsonl"
         _write_rows(data, grp, with_instruction=mode == "row")
-        fields = {"id": "id", "query": "query", "positive": "positive", "negatives": "negatives"}
-        if mode == "row":
-            fields["instruction"] = "instruction"
-        spec: Dict[str, Any] = {
-            "name": stem, "task": "retrieval", "instruction": instruction,
-            "source": {"path": f"files/{stem}.jsonl"}, "fields": fields,
-            "weight": float(len(grp)) if mode == "task" else 1.0, "stages": list(stages),
-            "description": f"{description} ({len(grp)} rows)",
-        }
-        if sym:
-            spec["symmetric"] = True
-        p = spec_dir / f"{stem}.yaml"
-        p.write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True, width=120), encoding="utf-8")
-        paths.append(p)
+        fields = FieldsSpec(id="id", query="query", positive="positive", negatives="negatives",
+                            instruction="instruction" if mode == "row" else None)
+        spec = DataSpec(name=stem, task="retrieval", instruction=instruction,
+                        source=SourceSpec(path=f"files/{stem}.jsonl"), fields=fields,
+                        weight=float(len(grp)) if mode == "task" else 1.0, stages=list(stages),
+                        symmetric=True if sym else None, description=f"{description} ({len(grp)} rows)",
+                        provenance={"tool": "nvembed.synth", "rows": len(grp), "spec_mode": mode})
+        paths.append(write_spec(spec, spec_dir / f"{stem}.yaml"))
     (spec_dir / "datasets.txt").write_text("".join(f"{p.resolve()}\n" for p in paths), encoding="utf-8")
     return paths
