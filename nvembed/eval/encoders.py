@@ -10,13 +10,22 @@ adapter implements the same protocol, so a freshly trained checkpoint is evaluat
 from __future__ import annotations
 
 import inspect
+import json
 import os
 from pathlib import Path
 from typing import Dict, List, Optional, Protocol, Sequence, Union, runtime_checkable
 
 import numpy as np
 
+from nvembed.errors import UserError
+
 DEFAULT_QUERY_TEMPLATE = "Instruct: {instruction}\nQuery: "
+
+
+class ModelLoadError(UserError, ValueError):
+    """A model folder cannot be loaded as asked (missing, or it holds custom code that was not trusted)."""
+
+    kind = "model"
 
 
 @runtime_checkable
@@ -86,10 +95,12 @@ class CallableEncoder:
     through ``transformers.AutoModel(..., trust_remote_code=True)``). Keyword arguments the wrapped ``encode`` does
     not accept are left out; outputs (numpy or torch) are converted to normalised float32."""
 
-    def __init__(self, model, *, name: Optional[str] = None, query_template: Optional[str] = None):
+    def __init__(self, model, *, name: Optional[str] = None, query_template: Optional[str] = None,
+                 use_instructions: bool = True):
         self.model = model
         self.name = name or type(model).__name__
         self.query_template = query_template
+        self.use_instructions = use_instructions
         try:
             params = inspect.signature(model.encode).parameters
             self._var_kw = any(p.kind == p.VAR_KEYWORD for p in params.values())
@@ -104,7 +115,7 @@ class CallableEncoder:
                show_progress: bool = False) -> np.ndarray:
         texts = list(texts)
         kw = {}
-        if instruction is not None:
+        if instruction is not None and self.use_instructions:
             if self._accepts("instruction"):
                 kw["instruction"] = instruction
             else:
@@ -176,35 +187,138 @@ class BM25Retriever:
 AnyModel = Union[TextEncoder, BM25Retriever]
 
 
+def custom_code(folder) -> List[str]:
+    """What in ``folder`` would make transformers or sentence-transformers import Python code from the folder itself:
+    ``auto_map`` entries of ``config.json`` / ``tokenizer_config.json`` (also in module subfolders) and module types
+    of ``modules.json`` outside ``sentence_transformers``. Empty for a plain model."""
+    folder = Path(folder)
+    found: List[str] = []
+    dirs = [folder]
+    modules = _read_json(folder / "modules.json")
+    if isinstance(modules, list):
+        for m in modules:
+            if not isinstance(m, dict):
+                continue
+            typ = str(m.get("type", ""))
+            if typ and not typ.startswith("sentence_transformers."):
+                found.append(f"modules.json type {typ}")
+            if m.get("path"):
+                dirs.append(folder / str(m["path"]))
+    for d in dirs:
+        for name in ("config.json", "tokenizer_config.json"):
+            cfg = _read_json(d / name)
+            amap = cfg.get("auto_map") if isinstance(cfg, dict) else None
+            if amap:
+                values = amap.values() if isinstance(amap, dict) else [amap]
+                refs = sorted({str(x) for v in values for x in (v if isinstance(v, (list, tuple)) else [v]) if x})
+                found.append(f"{os.path.relpath(d / name, folder)} auto_map {', '.join(refs)}")
+    return found
+
+
+def _read_json(path: Path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def is_nvembed_export(folder) -> bool:
+    """``folder`` was exported by nvembed: its ``config.json`` has ``model_type: nvembed`` and the ``auto_map`` that
+    nvembed writes. Such a folder is loaded with nvembed's own copy of the model code, never the folder's copy."""
+    from nvembed.export.hf import AUTO_MAP
+
+    cfg = _read_json(Path(folder) / "config.json")
+    return isinstance(cfg, dict) and cfg.get("model_type") == "nvembed" and cfg.get("auto_map", AUTO_MAP) == AUTO_MAP
+
+
+def load_nvembed_export(folder, *, device: Optional[str] = None, max_seq_length: Optional[int] = None):
+    """An nvembed export as ``NVEmbedModel`` built from ``nvembed.export.remote_code`` (the very code the export
+    ships), so nothing in the folder is executed; the tokenizer is loaded without remote code."""
+    from transformers import AutoTokenizer
+
+    from nvembed.export.remote_code.configuration_nvembed import NVEmbedConfig
+    from nvembed.export.remote_code.modeling_nvembed import NVEmbedModel
+
+    tok_cfg = _read_json(Path(folder) / "tokenizer_config.json")
+    if isinstance(tok_cfg, dict) and tok_cfg.get("auto_map"):
+        raise ModelLoadError(f"{folder}: tokenizer_config.json names custom tokenizer code ({tok_cfg['auto_map']}) "
+                             f"that would run on load; pass --trust-remote-code (trust_remote_code=True) if you trust "
+                             f"this folder")
+    model = NVEmbedModel.from_pretrained(str(folder), config=NVEmbedConfig.from_pretrained(str(folder)))
+    model.tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    if max_seq_length:
+        model.config.max_seq_length = int(max_seq_length)
+    if device:
+        model = model.to(device)
+    return model.eval()
+
+
+def _untrusted(path, reasons: Sequence[str]) -> ModelLoadError:
+    return ModelLoadError(f"{path} holds custom model code that would run on load ({'; '.join(reasons)}); pass "
+                          f"--trust-remote-code (trust_remote_code=True) if you trust this folder")
+
+
+def _remote_code_refusal(path, err: Exception) -> Optional[ModelLoadError]:
+    """transformers' own refusal of remote code (for what :func:`custom_code` cannot see, e.g. a hub id)."""
+    if "trust_remote_code" in str(err):
+        return ModelLoadError(f"{path} needs custom model code to load; pass --trust-remote-code "
+                              f"(trust_remote_code=True) if you trust it")
+    return None
+
+
 def load_encoder(path: str, *, name: Optional[str] = None, use_instructions: Optional[bool] = None,
                  query_template: str = DEFAULT_QUERY_TEMPLATE, max_seq_length: Optional[int] = None,
-                 device: Optional[str] = None) -> AnyModel:
+                 device: Optional[str] = None, trust_remote_code: bool = False) -> AnyModel:
     """Load an encoder from ``path``.
 
     * ``"bm25"`` -> :class:`BM25Retriever`.
-    * a folder with ``modules.json`` -> ``SentenceTransformer(path, trust_remote_code=True)`` wrapped in
-      :class:`SentenceTransformerEncoder`. ``use_instructions`` defaults to True unless the model's
-      ``config_sentence_transformers.json`` defines no prompts and the model is a small BERT-style encoder
-      (heuristic: folder name contains "MiniLM"/"mpnet"); pass it explicitly to be sure.
-    * otherwise ``transformers.AutoModel.from_pretrained(path, trust_remote_code=True)`` whose model has
-      ``.encode(texts, instruction=...)`` (nvembed exports) -> :class:`CallableEncoder`.
+    * an nvembed export (``config.json`` says so) -> nvembed's own ``NVEmbedModel`` (:func:`load_nvembed_export`;
+      the folder's Python files are never executed, with or without ``trust_remote_code``) in a
+      :class:`CallableEncoder`.
+    * a folder with ``modules.json`` -> ``SentenceTransformer(path)`` wrapped in
+      :class:`SentenceTransformerEncoder`. ``use_instructions`` defaults to True unless the model is a small
+      BERT-style encoder (heuristic: folder name contains "MiniLM"/"mpnet"); pass it explicitly to be sure.
+    * otherwise ``transformers.AutoModel.from_pretrained(path)`` whose model has ``.encode(texts, instruction=...)``
+      -> :class:`CallableEncoder`.
+
+    Custom code in the folder (:func:`custom_code`) is executed only with ``trust_remote_code=True``; without it the
+    load is refused with a :class:`ModelLoadError` naming the folder and the flag.
     """
     if str(path).lower() == "bm25":
         return BM25Retriever()
     p = Path(path)
+    if not p.exists() and (p.is_absolute() or str(path).startswith((".", "~")) or str(path).count("/") > 1):
+        raise ModelLoadError(f"{path}: no such model folder")
     nm = name or (p.parent.name if p.name in ("model", "models", "") else p.name)
-    if (p / "modules.json").exists():
-        if use_instructions is None:
-            use_instructions = not any(s in str(p).lower() for s in ("minilm", "mpnet"))
-        return SentenceTransformerEncoder(str(p), name=nm, use_instructions=use_instructions,
-                                          query_template=query_template, max_seq_length=max_seq_length,
-                                          device=device, trust_remote_code=True)
-    from transformers import AutoModel
+    if p.is_dir() and is_nvembed_export(p):
+        model = load_nvembed_export(p, device=device, max_seq_length=max_seq_length)
+        return CallableEncoder(model, name=nm, query_template=query_template,
+                               use_instructions=use_instructions is not False)
+    if p.is_dir() and not trust_remote_code:
+        reasons = custom_code(p)
+        if reasons:
+            raise _untrusted(path, reasons)
+    try:
+        if (p / "modules.json").exists():
+            if use_instructions is None:
+                use_instructions = not any(s in str(p).lower() for s in ("minilm", "mpnet"))
+            return SentenceTransformerEncoder(str(p), name=nm, use_instructions=use_instructions,
+                                              query_template=query_template, max_seq_length=max_seq_length,
+                                              device=device, trust_remote_code=trust_remote_code)
+        from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(str(p), trust_remote_code=True)
+        model = AutoModel.from_pretrained(str(p), trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        refusal = None if trust_remote_code else _remote_code_refusal(path, e)
+        if refusal is None:
+            raise
+        raise refusal from e
     if device:
         model = model.to(device)
     model.eval()
     if not hasattr(model, "encode"):
-        raise TypeError(f"{path}: model class {type(model).__name__} has no .encode(texts, instruction=...)")
-    return CallableEncoder(model, name=nm, query_template=query_template)
+        raise ModelLoadError(f"{path}: model class {type(model).__name__} has no .encode(texts, instruction=...); "
+                             f"give a sentence-transformers folder or an nvembed export")
+    return CallableEncoder(model, name=nm, query_template=query_template,
+                           use_instructions=use_instructions is not False)
