@@ -22,7 +22,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from nvembed.errors import cli  # noqa: E402
 
+
+@cli
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="model folder, or 'bm25'")
@@ -48,13 +51,27 @@ def main(argv=None) -> int:
     ap.add_argument("--truncate-dim", type=int, default=None, metavar="D",
                     help="evaluate the first D embedding dimensions, re-normalised (Matryoshka)")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--trust-remote-code", action="store_true",
+                    help="allow Python code shipped in the model folder to run (nvembed exports never need it)")
+    ap.add_argument("--allow-missing-docs", action="store_true",
+                    help="drop (and count) judgments naming documents or queries absent from the BEIR folder "
+                         "instead of failing")
     a = ap.parse_args(argv)
 
     from nvembed.eval.encoders import load_encoder
 
     t0 = time.perf_counter()
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    if a.beir:  # bad data fails before the model loads
+        from nvembed.eval.retrieval import load_beir
+
+        beir_data = load_beir(a.beir, a.split, allow_missing_docs=a.allow_missing_docs, log=log)
+    elif a.suite:
+        from nvembed.eval.suite import load_suite
+
+        load_suite(a.suite)
     model = load_encoder(a.model, name=a.name, use_instructions=a.use_instructions,
-                         max_seq_length=a.max_seq_length, device=a.device)
+                         max_seq_length=a.max_seq_length, device=a.device, trust_remote_code=a.trust_remote_code)
     if a.truncate_dim is not None:
         from nvembed.eval.encoders import BM25Retriever, TruncatedEncoder
 
@@ -68,14 +85,14 @@ def main(argv=None) -> int:
 
         res = evaluate_retrieval(model, a.beir, instruction=a.instruction, split=a.split, max_queries=a.max_queries,
                                  max_corpus=a.max_corpus, max_doc_chars=a.max_doc_chars, batch_size=a.batch_size,
-                                 show_progress=a.progress)
+                                 show_progress=a.progress, data=beir_data)
         out = {"model": model.name, "dataset": Path(a.beir).name, **{k: round(v, 5) if isinstance(v, float) else v
                                                                        for k, v in res.items()}}
     else:
         from nvembed.eval.suite import format_results_table, run_suite, write_bar_chart
 
         res = run_suite(model, a.suite, tasks=a.tasks, batch_size=a.batch_size, show_progress=a.progress,
-                        log=lambda m: print(m, file=sys.stderr))
+                        log=log, allow_missing_docs=a.allow_missing_docs)
         if a.table:
             Path(a.table).write_text(format_results_table({model.name: res}) + "\n", encoding="utf-8")
         if a.chart:

@@ -13,6 +13,7 @@ import random
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
+from nvembed.errors import UserError
 from nvembed.mining.topk import chunked_topk
 
 Corpus = Dict[str, Dict[str, str]]
@@ -21,30 +22,98 @@ Qrels = Dict[str, Dict[str, int]]
 Run = Dict[str, Dict[str, float]]
 
 
-def load_beir(folder, split: str = "test") -> Tuple[Corpus, Queries, Qrels]:
-    """Load a BEIR folder. Queries without judgments in ``split`` are dropped."""
-    folder = Path(folder)
-    corpus: Corpus = {}
-    with open(folder / "corpus.jsonl", encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
+class BeirError(UserError, ValueError):
+    """A BEIR folder is incomplete or one of its lines is invalid; the message names the file, line and field."""
+
+    kind = "data"
+
+
+def _jsonl_rows(path: Path, required: Tuple[str, ...]):
+    """(line number, record) of a JSONL file; a malformed line or a missing/empty required field is an error."""
+    if not path.is_file():
+        raise BeirError(f"{path}: file not found (a BEIR folder holds corpus.jsonl, queries.jsonl, qrels/<split>.tsv)")
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
                 r = json.loads(line)
-                corpus[str(r["_id"])] = {"title": r.get("title", "") or "", "text": r.get("text", "") or ""}
+            except json.JSONDecodeError as e:
+                raise BeirError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(r, dict):
+                raise BeirError(f"{path}:{n}: expected a JSON object, got {type(r).__name__}")
+            for key in required:
+                v = r.get(key)
+                if v is None or (key == "_id" and str(v) == "") or (key != "_id" and not isinstance(v, str)):
+                    what = "missing" if key not in r else f"not a {'string' if key != '_id' else 'value'} ({v!r})"
+                    raise BeirError(f"{path}:{n}: field '{key}' {what}")
+            yield n, r
+
+
+def load_beir(folder, split: str = "test", *, allow_missing_docs: bool = False,
+              log=None) -> Tuple[Corpus, Queries, Qrels]:
+    """Load a BEIR folder, checking every line (errors name the file, line and field). Queries without judgments in
+    ``split`` are dropped (queries.jsonl usually holds every split's queries).
+
+    A judgment naming a document absent from the corpus (or a query absent from queries.jsonl) is an error: it would
+    silently lower every score. With ``allow_missing_docs`` such judgments are dropped, and their count is reported
+    through ``log``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BeirError(f"{folder}: no such BEIR folder")
+    corpus: Corpus = {}
+    corpus_path = folder / "corpus.jsonl"
+    for _, r in _jsonl_rows(corpus_path, ("_id", "text")):
+        corpus[str(r["_id"])] = {"title": r.get("title", "") or "", "text": r["text"]}
+    if not corpus:
+        raise BeirError(f"{corpus_path}: no documents")
+    qrels_path = folder / "qrels" / f"{split}.tsv"
+    if not qrels_path.is_file():
+        have = sorted(x.stem for x in (folder / "qrels").glob("*.tsv")) if (folder / "qrels").is_dir() else []
+        raise BeirError(f"{qrels_path}: file not found (split '{split}'; qrels splits here: {have or 'none'})")
     qrels: Qrels = {}
-    with open(folder / "qrels" / f"{split}.tsv", encoding="utf-8", newline="") as f:
+    where: Dict[Tuple[str, str], int] = {}
+    with open(qrels_path, encoding="utf-8", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         for row in reader:
-            if not row or row[0] == "query-id":
+            n = reader.line_num
+            if not row or not "".join(row).strip() or row[0] == "query-id":
                 continue
-            qrels.setdefault(str(row[0]), {})[str(row[1])] = int(float(row[2]))
-    queries: Queries = {}
-    with open(folder / "queries.jsonl", encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                r = json.loads(line)
-                if str(r["_id"]) in qrels:
-                    queries[str(r["_id"])] = r["text"]
+            if len(row) < 3:
+                raise BeirError(f"{qrels_path}:{n}: expected 3 tab-separated columns (query-id, corpus-id, score), "
+                                f"got {len(row)}")
+            try:
+                score = int(float(row[2]))
+            except ValueError:
+                raise BeirError(f"{qrels_path}:{n}: field 'score' is not a number ({row[2]!r})") from None
+            qrels.setdefault(str(row[0]), {})[str(row[1])] = score
+            where.setdefault((str(row[0]), str(row[1])), n)
+    queries_path = folder / "queries.jsonl"
+    all_queries = {str(r["_id"]): r["text"] for _, r in _jsonl_rows(queries_path, ("_id", "text"))}
+    if not all_queries:
+        raise BeirError(f"{queries_path}: no queries")
+    missing = [(where[(q, d)], q, d, "query" if q not in all_queries else "document")
+               for q, docs in qrels.items() for d in docs if q not in all_queries or d not in corpus]
+    if missing:
+        missing.sort()
+        n, q, d, what = missing[0]
+        name = f"query id '{q}' (not in {queries_path.name})" if what == "query" else \
+            f"corpus-id '{d}' (not in {corpus_path.name})"
+        if not allow_missing_docs:
+            raise BeirError(f"{qrels_path}:{n}: {name}; {len(missing)} judgment(s) name ids absent from the folder "
+                            f"and would silently lower the scores (pass --allow-missing-docs to drop them)")
+        if log:
+            log(f"[beir] {qrels_path}: dropped {len(missing)} judgment(s) naming ids absent from the folder "
+                f"(first: line {n}, {name})")
+        for _, q, d, _ in missing:
+            qrels[q].pop(d, None)
+        qrels = {q: docs for q, docs in qrels.items() if docs}
+    queries: Queries = {q: t for q, t in all_queries.items() if q in qrels}
+    if not queries:
+        raise BeirError(f"{qrels_path}: no query of {queries_path} has a judgment here (split '{split}')")
     qrels = {q: d for q, d in qrels.items() if q in queries}
+    if not any(s > 0 for docs in qrels.values() for s in docs.values()):
+        raise BeirError(f"{qrels_path}: no judgment has a score >= 1 (nothing is relevant)")
     return corpus, queries, qrels
 
 
@@ -137,11 +206,13 @@ def evaluate_retrieval(model, folder, *, instruction: Optional[str] = None, spli
                        max_judged_docs: Optional[int] = None, max_doc_chars: Optional[int] = None,
                        max_query_chars: Optional[int] = None,
                        seed: int = 0, batch_size: int = 32, k: int = 100,
-                       show_progress: bool = False) -> Dict[str, float]:
-    """Evaluate ``model`` (a TextEncoder or a BM25Retriever) on a BEIR folder; returns the metrics plus sizes."""
+                       show_progress: bool = False, allow_missing_docs: bool = False, log=None,
+                       data: Optional[Tuple[Corpus, Queries, Qrels]] = None) -> Dict[str, float]:
+    """Evaluate ``model`` (a TextEncoder or a BM25Retriever) on a BEIR folder; returns the metrics plus sizes.
+    ``data``: the folder already loaded with :func:`load_beir` (it is not read again)."""
     from nvembed.eval.encoders import BM25Retriever
 
-    corpus, queries, qrels = load_beir(folder, split)
+    corpus, queries, qrels = data or load_beir(folder, split, allow_missing_docs=allow_missing_docs, log=log)
     corpus, queries, qrels = subset_beir(corpus, queries, qrels, max_queries=max_queries, max_corpus=max_corpus,
                                          max_judged_docs=max_judged_docs, seed=seed)
     if max_query_chars:

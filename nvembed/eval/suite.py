@@ -25,39 +25,76 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import yaml
 
+from nvembed.errors import UserError
+
 MAIN_METRIC = {"retrieval": "ndcg@10", "sts": "spearman", "classification": "accuracy", "clustering": "v_measure"}
 _COMMON = {"name", "type", "instruction", "seed", "batch_size", "description"}
 _KNOBS = {
     "retrieval": {"path", "split", "max_queries", "max_corpus", "max_judged_docs", "max_doc_chars", "max_query_chars",
-                  "k"},
+                  "k", "allow_missing_docs"},
     "sts": {"path", "max_pairs"},
     "classification": {"train", "test", "max_train", "max_test", "max_chars"},
     "clustering": {"path", "max_items", "max_chars", "n_runs"},
 }
 
 
+class SuiteError(UserError, ValueError):
+    """An eval suite YAML is invalid; the message names the file, the task's line and the key."""
+
+    kind = "suite"
+
+
+_REQUIRED = {"retrieval": ("path",), "sts": ("path",), "classification": ("train", "test"), "clustering": ("path",)}
+
+
 def load_suite(path) -> Dict[str, Any]:
-    """Read and validate a suite YAML; returns ``{"name", "tasks": [...], "root": folder}``."""
+    """Read and validate a suite YAML; returns ``{"name", "tasks": [...], "root": folder}``. Errors name the file,
+    the task's line, the key and (for data paths) the missing file."""
     path = Path(path)
-    spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not path.is_file():
+        raise SuiteError(f"{path}: suite file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text)
+        spec = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise SuiteError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if not isinstance(spec, dict):
+        raise SuiteError(f"{path}: expected a mapping with 'tasks', got {type(spec).__name__}")
     tasks = spec.get("tasks") or []
-    if not tasks:
-        raise ValueError(f"{path}: no tasks")
+    if not isinstance(tasks, list) or not tasks:
+        raise SuiteError(f"{path}: 'tasks' must be a non-empty list")
+    lines = {}
+    if isinstance(node, yaml.MappingNode):  # task i -> its line in the file, for the messages
+        for k, v in node.value:
+            if k.value == "tasks" and isinstance(v, yaml.SequenceNode):
+                lines = {i: item.start_mark.line + 1 for i, item in enumerate(v.value)}
+    root = path.parent
     seen = set()
     for i, t in enumerate(tasks):
+        at = f"{path}:{lines[i]}" if i in lines else str(path)
+        if not isinstance(t, dict):
+            raise SuiteError(f"{at}: task #{i} must be a mapping, got {type(t).__name__}")
         typ = t.get("type")
         if typ not in _KNOBS:
-            raise ValueError(f"{path}: task #{i} type {typ!r} not in {sorted(_KNOBS)}")
+            raise SuiteError(f"{at}: task #{i} field 'type' is {typ!r}; valid: {sorted(_KNOBS)}")
+        label = f"task {t.get('name', '#' + str(i))!r}"
         unknown = set(t) - _COMMON - _KNOBS[typ]
         if unknown:
-            raise ValueError(f"{path}: task {t.get('name')!r}: unknown keys {sorted(unknown)}; "
-                             f"valid: {sorted(_COMMON | _KNOBS[typ])}")
+            raise SuiteError(f"{at}: {label}: unknown keys {sorted(unknown)}; valid: {sorted(_COMMON | _KNOBS[typ])}")
+        for key in _REQUIRED[typ]:
+            if not t.get(key):
+                raise SuiteError(f"{at}: {label}: field '{key}' missing ({typ} tasks need {', '.join(_REQUIRED[typ])})")
+            if not _p(root, t[key]).exists():
+                raise SuiteError(f"{at}: {label}: field '{key}': {_p(root, t[key])} not found")
         t.setdefault("name", Path(str(t.get("path") or t.get("test"))).stem)
         if t["name"] in seen:
-            raise ValueError(f"{path}: duplicate task name {t['name']!r}")
+            raise SuiteError(f"{at}: duplicate task name {t['name']!r}")
         seen.add(t["name"])
     return {"name": spec.get("name", path.stem), "batch_size": spec.get("batch_size", 32), "seed": spec.get("seed", 0),
-            "tasks": tasks, "root": path.parent}
+            "tasks": tasks, "root": root}
 
 
 def _p(root: Path, rel) -> Path:
@@ -66,7 +103,7 @@ def _p(root: Path, rel) -> Path:
 
 
 def run_task(encoder, task: Dict[str, Any], root: Path, *, batch_size: int = 32, seed: int = 0,
-             show_progress: bool = False) -> Dict[str, Any]:
+             show_progress: bool = False, allow_missing_docs: bool = False, log=None) -> Dict[str, Any]:
     from nvembed.eval.classification import evaluate_classification_files
     from nvembed.eval.clustering import evaluate_clustering_file
     from nvembed.eval.encoders import BM25Retriever
@@ -85,7 +122,8 @@ def run_task(encoder, task: Dict[str, Any], root: Path, *, batch_size: int = 32,
                                  max_queries=task.get("max_queries"), max_corpus=task.get("max_corpus"),
                                  max_judged_docs=task.get("max_judged_docs"),
                                  max_doc_chars=task.get("max_doc_chars"), max_query_chars=task.get("max_query_chars"),
-                                 seed=sd, batch_size=bs, k=task.get("k", 100), show_progress=show_progress)
+                                 seed=sd, batch_size=bs, k=task.get("k", 100), show_progress=show_progress,
+                                 allow_missing_docs=bool(task.get("allow_missing_docs", allow_missing_docs)), log=log)
     elif typ == "sts":
         res = evaluate_sts_file(encoder, _p(root, task["path"]), instruction=ins, max_pairs=task.get("max_pairs"),
                                 seed=sd, batch_size=bs, show_progress=show_progress)
@@ -104,18 +142,23 @@ def run_task(encoder, task: Dict[str, Any], root: Path, *, batch_size: int = 32,
 
 
 def run_suite(encoder, suite_path, *, tasks: Optional[Sequence[str]] = None, batch_size: Optional[int] = None,
-              show_progress: bool = False, log=None) -> Dict[str, Any]:
+              show_progress: bool = False, log=None, allow_missing_docs: bool = False) -> Dict[str, Any]:
     """Run every task (or the named ``tasks``) of a suite. Returns
     ``{"suite", "model", "tasks": {name: {type, metrics..., main_score, seconds}}, "average": {type: mean main
     score, "all": mean}, "seconds"}``."""
     suite = load_suite(suite_path)
+    if tasks:
+        unknown = sorted(set(tasks) - {t["name"] for t in suite["tasks"]})
+        if unknown:
+            raise SuiteError(f"{suite_path}: no task named {unknown}; tasks: {[t['name'] for t in suite['tasks']]}")
     t0 = time.perf_counter()
     out: Dict[str, Dict[str, Any]] = {}
     for task in suite["tasks"]:
         if tasks and task["name"] not in tasks:
             continue
         out[task["name"]] = run_task(encoder, task, suite["root"], batch_size=batch_size or suite["batch_size"],
-                                     seed=suite["seed"], show_progress=show_progress)
+                                     seed=suite["seed"], show_progress=show_progress,
+                                     allow_missing_docs=allow_missing_docs, log=log)
         if log:
             log(f"[{suite['name']}] {task['name']}: {out[task['name']]}")
     avg: Dict[str, float] = {}
