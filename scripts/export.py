@@ -4,12 +4,17 @@
     python scripts/export.py runs/demo --out exported/demo
     python scripts/export.py runs/demo/stage1/final --out exported/demo-stage1
     python scripts/export.py runs/demo --out exported/demo --push-to-hub me/my-embedder [--public]
+    python scripts/export.py runs/demo --out exported/demo --overwrite     # replace an earlier export there
 
 RUN_OR_STAGE_DIR is a run directory (``config.yaml``; the weights of its last finished stage are used, else its newest
 checkpoint) or a stage/checkpoint folder (``nvembed_model.json`` + ``model.safetensors``). The model is rebuilt with
 ``nvembed.model.build_embedder`` (same seed as training, so a random-init backbone is reproduced), the weights are
 loaded with ``Embedder.load_weights``, and ``nvembed.export.export_model`` writes DIR. Uploading needs a Hub token
 (``HF_TOKEN`` or ``hf auth login``); nothing is uploaded without ``--push-to-hub``.
+
+``--out`` is refused (exit 2, nothing written) when it is or lies inside training weights, a checkpoint or a stage
+folder, or is a non-empty folder that is not an nvembed export; an earlier export is replaced only with
+``--overwrite``. The export is written to a temporary sibling folder and swapped in when complete.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from typing import Any, Optional, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from nvembed.errors import cli  # noqa: E402
+from nvembed.export import ExportError, check_export_dir, is_export  # noqa: E402
 
 WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "nvembed_model.json"
@@ -60,7 +68,7 @@ def find_weights(run_dir: str, stages) -> str:
                             and _is_weights_folder(os.path.join(stage_dir, c))), key=_checkpoint_step)
             if ckpts:
                 return os.path.join(stage_dir, ckpts[-1])
-    raise FileNotFoundError(f"{run_dir}: no stage weights found (looked for <stage>/final and <stage>/checkpoint-N "
+    raise ExportError(f"{run_dir}: no stage weights found (looked for <stage>/final and <stage>/checkpoint-N "
                             f"for stages {list(stages)})")
 
 
@@ -75,10 +83,10 @@ def load_run_config(run_dir: str):
 def locate(path: str) -> Tuple[str, Optional[str]]:
     """(weights folder, run dir or None) for a run directory or a stage/checkpoint folder."""
     path = os.path.abspath(path)
-    if os.path.isfile(os.path.join(path, "config.json")) and not _is_weights_folder(path):
-        with open(os.path.join(path, "config.json")) as f:
-            if json.load(f).get("model_type") == "nvembed":
-                raise ValueError(f"{path} is already an exported model; pass the run or stage folder instead")
+    if not os.path.isdir(path):
+        raise ExportError(f"{path}: no such folder (expected a run directory or a stage/checkpoint folder)")
+    if is_export(path) and not _is_weights_folder(path):
+        raise ExportError(f"{path} is already an exported model; pass the run or stage folder instead")
     if _is_weights_folder(path):
         for up in (Path(path).parent, Path(path).parent.parent):  # RUN/<stage>/final, RUN/<stage>/checkpoint-N
             if (up / "config.yaml").is_file():
@@ -86,7 +94,7 @@ def locate(path: str) -> Tuple[str, Optional[str]]:
         return path, None
     if os.path.isfile(os.path.join(path, "config.yaml")):
         return find_weights(path, load_run_config(path).stages), path
-    raise FileNotFoundError(f"{path}: neither a run directory (config.yaml) nor a stage/checkpoint folder "
+    raise ExportError(f"{path}: neither a run directory (config.yaml) nor a stage/checkpoint folder "
                             f"({MODEL_CONFIG} + {WEIGHTS})")
 
 
@@ -117,10 +125,13 @@ def load_embedder(path: str):
     return embedder, run_cfg
 
 
+@cli
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("path", metavar="RUN_OR_STAGE_DIR")
-    ap.add_argument("--out", required=True, help="folder to write the exported model to")
+    ap.add_argument("--out", required=True, help="folder to write the exported model to (new or empty, or an "
+                                                  "earlier export with --overwrite)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an earlier nvembed export in --out")
     ap.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the folder to this Hub model repo")
     ap.add_argument("--public", action="store_true", help="create the Hub repo public (default: private)")
     ap.add_argument("--max-seq-length", type=int, help="default token limit of encode (default: 512 or the "
@@ -130,16 +141,19 @@ def main(argv=None) -> int:
     ap.add_argument("--title", help="model card title")
     args = ap.parse_args(argv)
 
-    from nvembed.export import export_model, push_to_hub
+    from nvembed.export import export_model, publish_export, push_to_hub
 
+    check_export_dir(args.out, overwrite=args.overwrite)  # before the model loads: a refusal costs nothing
+    locate(args.path)
     embedder, run_cfg = load_embedder(args.path)
     extra: dict[str, Any] = {}
     if args.license:
         extra["license"] = args.license
     if args.title:
         extra["title"] = args.title
-    out = export_model(embedder, args.out, run_cfg, model_card_extra=extra or None,
-                       max_seq_length=args.max_seq_length, repo_id=args.push_to_hub)
+    out = publish_export(args.out, lambda tmp: export_model(embedder, tmp, run_cfg, model_card_extra=extra or None,
+                                                            max_seq_length=args.max_seq_length,
+                                                            repo_id=args.push_to_hub))
     print(f"[export] wrote {out}")
     if args.push_to_hub:
         url = push_to_hub(out, args.push_to_hub, private=not args.public)

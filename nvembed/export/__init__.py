@@ -13,9 +13,95 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from typing import Any, Dict, Optional, Union
 
-__all__ = ["export_model", "push_to_hub", "check_no_secrets"]
+from ..errors import UserError
+
+__all__ = ["export_model", "push_to_hub", "check_no_secrets", "ExportError", "check_export_dir", "is_export",
+           "publish_export"]
+
+# the files that make a folder training weights (a stage's ``final`` or a ``checkpoint-N``): never an export target
+_WEIGHTS_FILES = ("model.safetensors", "nvembed_model.json")
+
+
+class ExportError(UserError, ValueError):
+    """The export source or target folder cannot be used as asked (e.g. it would overwrite training weights)."""
+
+    kind = "export"
+
+
+def is_export(folder: str) -> bool:
+    """``folder`` holds a model exported by nvembed (its ``config.json`` says ``model_type: nvembed``)."""
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            return json.load(f).get("model_type") == "nvembed"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _training_folder(path: str) -> Optional[str]:
+    """Why ``path`` belongs to training (weights, checkpoint or stage folder), or None."""
+    if all(os.path.isfile(os.path.join(path, f)) for f in _WEIGHTS_FILES):
+        return "training weights"
+    if re.fullmatch(r"checkpoint-\d+", os.path.basename(path)):
+        return "a training checkpoint folder"
+    parent = os.path.dirname(path)
+    if os.path.isfile(os.path.join(parent, "config.yaml")) and os.path.isdir(path) and any(
+            (n == "final" or re.fullmatch(r"checkpoint-\d+", n)) and os.path.isdir(os.path.join(path, n))
+            for n in os.listdir(path)):
+        return "a training stage folder"
+    return None
+
+
+def check_export_dir(folder: str, *, overwrite: bool = True) -> None:
+    """Refuse an export target that would destroy anything but an earlier export.
+
+    Refused: ``folder`` equal to or inside training weights, a checkpoint or a stage folder of a run; an existing
+    file; an existing non-empty folder that is not an nvembed export; and, with ``overwrite=False``, an existing
+    export. Raises :class:`ExportError` before anything is written."""
+    path = os.path.realpath(folder)
+    probe = path
+    while True:
+        why = _training_folder(probe) if os.path.isdir(probe) else None
+        if why:
+            where = "is" if probe == path else f"is inside {probe}, which is"
+            raise ExportError(f"--out {folder} {where} {why}; exporting there would overwrite what training "
+                              f"wrote: choose a new or empty folder (e.g. RUN/exported)")
+        up = os.path.dirname(probe)
+        if up == probe:
+            break
+        probe = up
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ExportError(f"--out {folder} is an existing file, not a folder")
+    if os.path.isdir(path) and os.listdir(path):
+        if not is_export(path):
+            raise ExportError(f"--out {folder} is a non-empty folder that is not an nvembed export "
+                              f"({len(os.listdir(path))} entries); choose a new or empty folder")
+        if not overwrite:
+            raise ExportError(f"--out {folder} already holds an exported model; pass --overwrite to replace it "
+                              f"or choose a new folder")
+
+
+def publish_export(folder: str, write) -> str:
+    """Run ``write(tmp)`` into a fresh sibling folder, then swap it in for ``folder``: an export that fails leaves
+    ``folder`` as it was (no half-written mix of old and new files)."""
+    folder = os.path.abspath(folder)
+    parent, name = os.path.dirname(folder), os.path.basename(folder)
+    os.makedirs(parent, exist_ok=True)
+    tmp, old = os.path.join(parent, f".{name}.tmp-{os.getpid()}"), os.path.join(parent, f".{name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.isdir(folder):
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
 
 
 def _versions() -> Dict[str, str]:
@@ -68,6 +154,7 @@ def export_model(embedder, folder: str, run_cfg: Any = None, *,
     from .model_card import render_model_card, run_config_dict, scrub, training_record, write_model_card, \
         write_training_record
 
+    check_export_dir(folder)  # never into training weights or a foreign folder, even when called as a library
     emb = _unwrap(embedder)
     export_hf(emb, folder, max_seq_length=max_seq_length, run_cfg=run_cfg, max_shard_size=max_shard_size)
     model_cfg = scrub(to_dict_model(emb.cfg))
