@@ -11,6 +11,8 @@ rank --negative-rank = hard negative.
 Passages: JSONL (id + text[/title]) or TXT (one per line). QL needs token logprobs of given text (/completions with
 echo): use a vLLM-style server, or --scorers rc for chat-only APIs (RC then uses the chat endpoint's logprobs).
 Re-running resumes. Output: OUT/examples.jsonl, OUT/queries.jsonl, OUT/stats.json, OUT/specs/*.yaml.
+An endpoint that cannot be reached stops the run (exit 2, naming the URL and the cause; what succeeded is kept).
+The embedder's own Python code runs only with --trust-remote-code (nvembed exports load without it).
 """
 
 from __future__ import annotations
@@ -26,14 +28,19 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from nvembed.errors import cli  # noqa: E402
 
+
+@cli
 def main(argv=None) -> int:
-    from synthesize import add_backend_args, make_llm
+    from synthesize import add_backend_args, check_run, make_llm
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_backend_args(ap)
     ap.add_argument("--passages", required=True, help="passage collection: JSONL or TXT")
     ap.add_argument("--embedder", required=True, help="initial embedder folder (nvembed.eval.encoders.load_encoder)")
+    ap.add_argument("--trust-remote-code", action="store_true",
+                    help="allow Python code shipped in the embedder folder to run (nvembed exports never need it)")
     ap.add_argument("--use-instructions", choices=["auto", "yes", "no"], default="auto",
                     help="embedder prompt use (auto: load_encoder's heuristic)")
     ap.add_argument("--query-encoding", choices=["instruction", "concat"], default="instruction",
@@ -61,7 +68,8 @@ def main(argv=None) -> int:
 
     passages = read_passages(args.passages)
     ui = None if args.use_instructions == "auto" else args.use_instructions == "yes"
-    encoder = load_encoder(args.embedder, use_instructions=ui, device=args.device)
+    encoder = load_encoder(args.embedder, use_instructions=ui, device=args.device,
+                           trust_remote_code=args.trust_remote_code)
     cfg = FRetConfig(top_n=args.top_n, negative_rank=args.negative_rank, num_seeds=args.num_seeds,
                      include_seed=not args.no_include_seed, scorers=args.scorers, seed=args.seed,
                      temperature=args.temperature, max_new_tokens=args.max_new_tokens,
@@ -71,6 +79,7 @@ def main(argv=None) -> int:
     llm = make_llm(args)
     stats = run_fret(llm, encoder, passages, args.out, cfg, show_progress=not args.no_progress)
     print(json.dumps(stats, indent=2))
+    check_run(llm, stats, args.out)
     return 0
 
 

@@ -10,6 +10,8 @@
 
 Re-running the same command resumes (items already done are skipped). Output: OUT/examples.jsonl, OUT/stats.json,
 OUT/specs/*.yaml (list them in a stage: ``stage_defs.stage1.datasets=[...]``; all paths in OUT/specs/datasets.txt).
+An endpoint that cannot be reached stops the run after 3 failed connections in a row (exit 2, naming the URL and the
+cause; what succeeded is kept); a run in which every request failed exits 2 too.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nvembed.errors import cli  # noqa: E402
 
 
 def add_backend_args(ap: argparse.ArgumentParser) -> None:
@@ -50,6 +54,19 @@ def make_llm(args):
                      timeout=args.timeout)
 
 
+def check_run(llm, stats, out) -> None:
+    """Exit non-zero (:class:`~nvembed.synth.llm.LLMError`) when every request of this run failed."""
+    from nvembed.synth.llm import LLMError
+
+    this_run = stats.get("this_run", {})
+    failed = sum(v for k, v in this_run.items() if k.endswith("failed_request"))
+    if failed and failed == sum(this_run.values()):
+        where = getattr(llm, "base_url", None) or llm.name
+        raise LLMError(f"{where}: all {failed} request(s) of this run failed (last error: {llm.last_error}); "
+                       f"nothing was added to {out}")
+
+
+@cli
 def main(argv=None) -> int:
     from nvembed.synth.e5 import TYPES
 
@@ -90,6 +107,7 @@ def main(argv=None) -> int:
     llm = make_llm(args)
     stats = run_e5(llm, args.out, cfg, show_progress=not args.no_progress)
     print(json.dumps(stats, indent=2))
+    check_run(llm, stats, args.out)
     return 0
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from .llm import BaseLLM
+from .llm import BaseLLM, check_reachable
 from .output import write_specs
 from .resume import JsonlLog, progress, stable_id
 
@@ -372,6 +372,7 @@ def run_e5(llm: BaseLLM, out_dir: str | Path, cfg: E5Config, *, log: Callable[[s
                 rows.append(row)
                 run_stats[f"brainstorm_{status}"] += 1
             bs_log.append(rows)
+            check_reachable(llm, out)  # endpoint down: stop now, what succeeded is saved
             bar.update(len(chunk))
         bar.close()
     bs_log.close()
@@ -454,6 +455,7 @@ def run_e5(llm: BaseLLM, out_dir: str | Path, cfg: E5Config, *, log: Callable[[s
                 run_stats[f"example_{status}"] += 1
             ex_log.append(e_rows)  # examples first: a kill between the two writes re-generates, never loses
             gen_log.append(g_rows)
+            check_reachable(llm, out)
             bar.update(len(chunk))
         bar.close()
     gen_log.close()

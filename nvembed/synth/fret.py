@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .e5 import extract_json
-from .llm import BaseLLM
+from .llm import BaseLLM, check_reachable
 from .output import write_specs
 from .resume import JsonlLog, progress, read_jsonl, stable_id
 
@@ -224,6 +224,7 @@ def run_fret(llm: BaseLLM, encoder, passages: Sequence[Tuple[str, str]], out_dir
                     rows.append({"id": sid, "status": str(e), "raw": text[:2000]})
                     run_stats[f"query_{e}"] += 1
             q_log.append(rows)
+            check_reachable(llm, out)  # endpoint down: stop now, what succeeded is saved
             bar.update(len(chunk))
         bar.close()
     q_log.close()

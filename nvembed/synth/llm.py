@@ -27,15 +27,27 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from ..errors import UserError
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class LLMError(RuntimeError):
-    """A request failed for good (non-retryable status, or retries exhausted with ``fail_soft=False``)."""
+class LLMError(UserError, RuntimeError):
+    """A request failed for good (non-retryable status, or retries exhausted with ``fail_soft=False``), or the backend
+    cannot be built as asked."""
+
+    kind = "llm"
 
     def __init__(self, msg: str, status: Optional[int] = None):
         super().__init__(msg)
         self.status = status
+
+
+class EndpointError(LLMError):
+    """The endpoint cannot be reached (connection refused, unknown host, bad URL): the run stops instead of retrying
+    every remaining item."""
+
+    kind = "endpoint"
 
 
 class LLMCapabilityError(LLMError):
@@ -48,6 +60,10 @@ class BaseLLM:
 
     def __init__(self) -> None:
         self.stats: Dict[str, int] = {"requests": 0, "failed": 0, "retries": 0}
+        self.unreachable: Optional[EndpointError] = None
+        """Set when the endpoint went down; ``generate`` then fails soft at once and :func:`check_reachable` raises."""
+        self.last_error: Optional[str] = None
+        """The last request failure, for messages."""
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 512, temperature: float = 0.7,
                  seed: Optional[int] = None) -> List[str]:
@@ -200,7 +216,9 @@ class OpenAIChatLLM(BaseLLM):
 
     ``generate`` uses ``/chat/completions`` with a thread pool of ``concurrency`` workers, a shared rate limit of
     ``rps`` requests/s and retries with exponential backoff (plus jitter; ``Retry-After`` is honoured) on
-    429/5xx/timeouts/connection errors. ``loglikelihood`` uses ``/completions`` with ``echo=True, logprobs`` (vLLM
+    429/5xx/timeouts/connection errors. ``max_connect_failures`` connection failures in a row of one request, with
+    no answer from the server meanwhile, mark the endpoint down (:class:`EndpointError` in ``unreachable``): every
+    later request fails at once instead of each retrying for a minute. ``loglikelihood`` uses ``/completions`` with ``echo=True, logprobs`` (vLLM
     and most self-hosted servers support it; hosted chat-only APIs do not -> :class:`LLMCapabilityError`).
     ``label_logprob`` uses it too, or falls back to the chat endpoint's ``logprobs/top_logprobs`` of the first
     answer token.
@@ -210,7 +228,7 @@ class OpenAIChatLLM(BaseLLM):
                  api_key_env: Optional[str] = "OPENAI_API_KEY", concurrency: int = 8, rps: Optional[float] = None,
                  max_retries: int = 6, backoff: float = 1.0, max_backoff: float = 60.0, timeout: float = 120.0,
                  system_prompt: Optional[str] = None, fail_soft: bool = True,
-                 extra_body: Optional[Dict[str, Any]] = None, top_logprobs: int = 20):
+                 extra_body: Optional[Dict[str, Any]] = None, top_logprobs: int = 20, max_connect_failures: int = 3):
         super().__init__()
         import httpx
 
@@ -228,6 +246,8 @@ class OpenAIChatLLM(BaseLLM):
         self.top_logprobs = top_logprobs
         self._lock = threading.Lock()
         self._echo_ok: Optional[bool] = None
+        self.max_connect_failures = max(1, max_connect_failures)
+        self._last_answer = 0.0  # monotonic time of the last HTTP response of any status
 
     def close(self) -> None:
         self.client.close()
@@ -241,15 +261,27 @@ class OpenAIChatLLM(BaseLLM):
 
         url = f"{self.base_url}/{path.lstrip('/')}"
         last = "no attempt"
+        fails, first_fail = 0, 0.0
         for attempt in range(self.max_retries + 1):
+            if self.unreachable is not None:
+                raise self.unreachable
             self.limiter.wait()
             self._count("requests")
             retry_after = None
             try:
                 r = self.client.post(url, json=body)
+            except (httpx.UnsupportedProtocol, httpx.InvalidURL) as e:  # can never work: no retry
+                raise self._down(url, f"{type(e).__name__}: {e}", 1) from None
+            except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+                last = f"{type(e).__name__}: {e}"
+                fails += 1
+                first_fail = first_fail or time.monotonic()
+                if fails >= min(self.max_connect_failures, self.max_retries + 1) and self._last_answer < first_fail:
+                    raise self._down(url, last, fails) from None
             except (httpx.TimeoutException, httpx.TransportError) as e:
                 last = f"{type(e).__name__}: {e}"
             else:
+                self._last_answer = time.monotonic()
                 if r.status_code < 400:
                     return r.json()
                 last = f"HTTP {r.status_code}: {r.text[:300]}"
@@ -266,6 +298,14 @@ class OpenAIChatLLM(BaseLLM):
             delay = min(self.max_backoff, self.backoff * 2 ** attempt) * (0.5 + random.random() / 2)
             time.sleep(min(self.max_backoff, retry_after) if retry_after is not None else delay)
         raise LLMError(f"POST {url} failed after {self.max_retries + 1} attempts: {last}")
+
+    def _down(self, url: str, cause: str, fails: int) -> EndpointError:
+        err = EndpointError(f"cannot reach {url}: {cause} ({fails} connection attempt(s) in a row failed); is the "
+                            f"server running and --base-url right?")
+        with self._lock:
+            if self.unreachable is None:
+                self.unreachable = err
+            return self.unreachable
 
     def _map(self, fn, items: Sequence[Any]) -> List[Any]:
         if len(items) <= 1 or self.concurrency == 1:
@@ -290,11 +330,12 @@ class OpenAIChatLLM(BaseLLM):
                 return data["choices"][0]["message"]["content"] or ""
             except LLMCapabilityError:
                 raise
-            except (LLMError, KeyError, IndexError, TypeError, ValueError):
+            except (LLMError, KeyError, IndexError, TypeError, ValueError) as e:
                 if not self.fail_soft:
                     raise
+                self.last_error = str(e)
                 self._count("failed")
-                return ""
+                return ""  # an unreachable endpoint too: the caller saves what succeeded, then check_reachable
 
         return self._map(one, list(enumerate(prompts)))
 
@@ -367,6 +408,14 @@ class OpenAIChatLLM(BaseLLM):
             except LLMCapabilityError:
                 self._echo_ok = False
         return self._map(lambda p: self._chat_label_logprob(p, label), list(prompts))
+
+
+def check_reachable(llm: BaseLLM, out_dir: Any) -> None:
+    """Raise :class:`EndpointError` if ``llm``'s endpoint went down. Pipelines call it after saving each chunk, so the
+    items that succeeded are kept and a re-run resumes after them."""
+    err = getattr(llm, "unreachable", None)
+    if err is not None:
+        raise EndpointError(f"{err} Output so far is kept in {out_dir}: re-run the same command to resume.") from err
 
 
 def build_llm(backend: str, *, model: Optional[str] = None, gguf: Optional[str] = None,
