@@ -13,7 +13,9 @@ Suite YAML (paths are relative to the YAML file)::
       - {name: trec, type: clustering, path: clustering/trec-qc.jsonl, instruction: "...", max_items: 250}
 
 Main score per type: retrieval ``ndcg@10``, sts ``spearman``, classification ``accuracy``, clustering
-``v_measure``. A BM25 "model" runs retrieval tasks only (other tasks are reported as skipped).
+``v_measure``. A BM25 "model" runs retrieval tasks only (other tasks are reported as skipped). A retrieval task whose
+qrels name documents absent from its corpus fails unless it sets ``allow_missing_docs: true`` (judgments dropped and
+counted). :func:`load_suite` checks keys and paths first; its errors name the file, the task's line and the key.
 """
 
 from __future__ import annotations
