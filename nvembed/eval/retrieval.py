@@ -215,6 +215,9 @@ def evaluate_retrieval(model, folder, *, instruction: Optional[str] = None, spli
     corpus, queries, qrels = data or load_beir(folder, split, allow_missing_docs=allow_missing_docs, log=log)
     corpus, queries, qrels = subset_beir(corpus, queries, qrels, max_queries=max_queries, max_corpus=max_corpus,
                                          max_judged_docs=max_judged_docs, seed=seed)
+    if not queries:  # e.g. max_judged_docs below every query's judgments: no mean to take
+        raise BeirError(f"{folder}: no query left after subsetting (max_queries={max_queries}, "
+                        f"max_judged_docs={max_judged_docs})")
     if max_query_chars:
         queries = {q: t[:max_query_chars] for q, t in queries.items()}
     if isinstance(model, BM25Retriever):
