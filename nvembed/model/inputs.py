@@ -12,9 +12,24 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 
+def is_full_prompt(instruction: str, template: str) -> bool:
+    """True when ``instruction`` is already a whole prefix in the template's form (``Instruct: {task}\\nQuery: ``),
+    as NV-Embed's ``encode(q, instruction=...)`` takes it; False for a bare task. Surrounding whitespace is ignored
+    for the check only: a full prefix is then used exactly as given."""
+    head, sep, tail = template.partition("{instruction}")
+    head, tail, text = head.strip(), tail.strip(), instruction.strip()
+    if not sep or not (head or tail):  # a template that adds nothing recognisable: every instruction is a task
+        return False
+    return text.startswith(head) and text.endswith(tail) and len(text) >= len(head) + len(tail)
+
+
 def build_prompt(instruction: Optional[str], template: str) -> str:
+    """The prompt before a query: a bare task wrapped in ``template``, a full prefix kept as given, so code written
+    for NV-Embed (``instruction="Instruct: ...\\nQuery: "``) and for nvembed (``instruction="..."``) agree."""
     if not instruction:
         return ""
+    if is_full_prompt(instruction, template):
+        return instruction
     return template.format(instruction=instruction)
 
 
@@ -29,7 +44,9 @@ def tokenize(
 ) -> Dict[str, torch.Tensor]:
     """Return ``input_ids``, ``attention_mask`` and ``pool_mask`` (attention mask minus prompt tokens).
 
-    Texts longer than ``max_length`` are truncated on the right; the EOS token is kept last when ``add_eos``.
+    ``max_length`` bounds the whole row (BOS + prompt + text + EOS), as NV-Embed's ``encode(..., max_length)`` does:
+    the prompt counts against it. Longer rows are cut on the right, but the EOS token is kept last when ``add_eos``
+    (NV-Embed's tokenizer call cuts its appended EOS off instead; training here always ends a row with EOS).
     """
     prompts = list(prompts) if prompts is not None else [""] * len(texts)
     if len(prompts) != len(texts):

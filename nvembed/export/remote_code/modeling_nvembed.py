@@ -5,6 +5,7 @@
     q = model.encode(["how do I reset my password?"], instruction="Given a question, retrieve passages that answer it")
     d = model.encode(["To reset your password, open Settings ..."])
     scores = q @ d.T                                    # cosine similarity (embeddings are L2-normalised)
+    # NV-Embed's convention works too (same vectors): instruction="Instruct: Given a question, ...\nQuery: "
 
 ``encode`` returns a float32 ``torch.Tensor`` [n, hidden] on the CPU (``convert_to_numpy=True`` gives numpy).
 ``forward(input_ids, attention_mask, pool_mask)`` returns the pooled embeddings [batch, hidden] (float32).
@@ -95,7 +96,24 @@ class LatentAttentionPooling(nn.Module):
         return masked_mean(hidden, pool_mask)
 
 
-# ---- inputs (same as nvembed.model.inputs.tokenize) ---------------------------------------------------------------
+# ---- inputs (same as nvembed.model.inputs) -------------------------------------------------------------------------
+def is_full_prompt(instruction: str, template: str) -> bool:
+    """True when ``instruction`` is already a whole prefix in the template's form (``Instruct: {task}\\nQuery: ``),
+    as NV-Embed's ``encode(q, instruction=...)`` takes it; False for a bare task."""
+    head, sep, tail = template.partition("{instruction}")
+    head, tail, text = head.strip(), tail.strip(), instruction.strip()
+    if not sep or not (head or tail):
+        return False
+    return text.startswith(head) and text.endswith(tail) and len(text) >= len(head) + len(tail)
+
+
+def build_prompt(instruction: Optional[str], template: str) -> str:
+    """A bare task wrapped in ``template``; a full prefix kept as given; empty for no instruction."""
+    if not instruction:
+        return ""
+    return instruction if is_full_prompt(instruction, template) else template.format(instruction=instruction)
+
+
 def tokenize(tokenizer, texts: Sequence[str], prompts: Optional[Sequence[str]] = None, *, max_length: int = 512,
              add_eos: bool = True, exclude_prompt: bool = True) -> Dict[str, torch.Tensor]:
     """``input_ids``, ``attention_mask`` and ``pool_mask`` (attention mask minus the prompt tokens, found by
@@ -192,8 +210,9 @@ class NVEmbedModel(NVEmbedPreTrainedModel):
         self._tokenizer = tok
 
     def build_prompt(self, instruction: Optional[str]) -> str:
-        """The query prompt for a task instruction (``config.query_template``); empty for no instruction."""
-        return self.config.query_template.format(instruction=instruction) if instruction else ""
+        """The query prompt: a bare task is wrapped in ``config.query_template``; a full prefix in that form
+        (NV-Embed's ``"Instruct: {task}\\nQuery: "``) is used as given; empty for no instruction."""
+        return build_prompt(instruction, self.config.query_template)
 
     def tokenize(self, texts: Sequence[str], prompts: Optional[Sequence[str]] = None,
                  max_length: Optional[int] = None) -> Dict[str, torch.Tensor]:
@@ -235,9 +254,13 @@ class NVEmbedModel(NVEmbedPreTrainedModel):
     def encode(self, texts: Union[str, Sequence[str]], instruction: str = "", max_length: Optional[int] = None,
                batch_size: int = 32, prompt: Optional[str] = None, convert_to_numpy: bool = False,
                show_progress: bool = False, **kwargs):
-        """Embed texts. A query gets ``instruction`` (wrapped in ``config.query_template``) or a ready ``prompt``;
-        documents get neither. Returns a float32 CPU ``torch.Tensor`` [n, hidden] (numpy with
-        ``convert_to_numpy=True``), L2-normalised if ``config.normalize``."""
+        """Embed texts, called as NV-Embed's ``encode(texts, instruction, max_length)``. A query gets ``instruction``:
+        NV-Embed's full prefix (``"Instruct: {task}\\nQuery: "``) is used as given, a bare task is wrapped in
+        ``config.query_template``; both give the same embeddings. ``prompt`` is any other prefix, used verbatim.
+        Documents get neither. The prefix tokens are attended to but not pooled. ``max_length`` bounds the whole row
+        (BOS + prefix + text + EOS), as NV-Embed's does, EOS kept last (default ``config.max_seq_length``).
+        Returns a float32 CPU ``torch.Tensor`` [n, hidden] (numpy with ``convert_to_numpy=True``), L2-normalised if
+        ``config.normalize``."""
         if isinstance(texts, str):
             texts = [texts]
         texts = list(texts)

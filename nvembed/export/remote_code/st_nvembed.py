@@ -4,8 +4,9 @@
 this file from the model folder and calls :meth:`NVEmbedSTModule.load`, which loads the transformers model of the same
 folder (``AutoModel`` + ``modeling_nvembed.py``). sentence-transformers hands the prompt to :meth:`preprocess`
 separately from the texts, so the prompt tokens are left out of the pooled mean exactly as in training (the prompt
-is still attended to). The module outputs the final (L2-normalised) ``sentence_embedding``; no Pooling/Normalize
-module follows.
+is still attended to). ``prompt`` follows ``AutoModel.encode(instruction=...)``: a full ``"Instruct: {task}\\nQuery: "``
+prompt is used as given, a bare task is wrapped in the query template. The module outputs the final
+(L2-normalised) ``sentence_embedding``; no Pooling/Normalize module follows.
 """
 
 import json
@@ -82,8 +83,11 @@ class NVEmbedSTModule(_Base):
                 texts.append(x["text"])
             else:
                 raise ValueError(f"NVEmbedSTModule embeds single texts, got {type(x).__name__}")
+        # same rule as AutoModel.encode(instruction=...): a full "Instruct: ...\nQuery: " prompt is used as given,
+        # a bare task is wrapped in the query template (it would otherwise be a prompt the model never saw)
+        prefix = self.auto_model.build_prompt(prompt)
         try:
-            return self.auto_model.tokenize(texts, [prompt or ""] * len(texts), max_length=self.max_seq_length)
+            return self.auto_model.tokenize(texts, [prefix] * len(texts), max_length=self.max_seq_length)
         except TypeError as e:  # never let sentence-transformers' fallback silently prepend the prompt instead
             raise ValueError(f"NVEmbedSTModule.preprocess failed: {e}") from e
 
