@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from . import nvembed_layout
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -131,6 +132,8 @@ def load_tokenizer(cfg: ModelConfig):
         if folder is None:
             raise ValueError("model.tokenizer must be set when the backbone is built from model.random_init")
         kwargs = {"gguf_file": gguf} if gguf else {}
+        if not gguf and nvembed_layout.is_nvembed_checkpoint(folder):  # config.json is NV-Embed's, not the decoder's
+            kwargs["config"] = nvembed_layout.decoder_config(folder)
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code, **kwargs)
     if tok.pad_token is None:  # decoders often have none; NV-Embed pads with EOS
         tok.pad_token = tok.eos_token
@@ -154,8 +157,11 @@ def load_backbone(cfg: ModelConfig, vocab_size: Optional[int] = None) -> nn.Modu
     else:
         folder, gguf = materialize_gguf(cfg)
         kwargs = {"gguf_file": gguf} if gguf else {}
-        model = AutoModel.from_pretrained(folder, dtype=dtype, attn_implementation=cfg.attn_implementation,
-                                          trust_remote_code=cfg.trust_remote_code, **kwargs)
+        if not gguf and nvembed_layout.is_nvembed_checkpoint(folder):  # published NV-Embed: its decoder
+            model = nvembed_layout.load_backbone(folder, cfg, dtype)
+        else:
+            model = AutoModel.from_pretrained(folder, dtype=dtype, attn_implementation=cfg.attn_implementation,
+                                              trust_remote_code=cfg.trust_remote_code, **kwargs)
     if cfg.num_layers:
         trim_layers(model, cfg.num_layers)
     set_bidirectional(model, cfg.bidirectional)

@@ -19,6 +19,7 @@ from ..config import ModelConfig
 from .backbone import DTYPES, apply_lora, compile_layers, load_backbone, load_tokenizer
 from .bucketing import bucketed_forward
 from .inputs import build_prompt, tokenize
+from .nvembed_layout import CheckpointLayoutError, is_nvembed_checkpoint, load_head
 from .pooling import Pooler
 
 WEIGHTS = "model.safetensors"
@@ -68,7 +69,9 @@ class Embedder(nn.Module):
     @torch.no_grad()
     def encode(self, texts: Sequence[str], instruction: Optional[str] = None, batch_size: int = 32,
                max_length: int = 512, show_progress: bool = False) -> np.ndarray:
-        """Embed texts (a query task when ``instruction`` is given); float32, L2-normalised if configured."""
+        """Embed texts (a query when ``instruction`` is given: a bare task, wrapped in ``query_template``, or the
+        whole prefix as NV-Embed takes it, used as given); float32, L2-normalised if configured. ``max_length``
+        bounds the whole row, prompt included."""
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
@@ -104,6 +107,9 @@ class Embedder(nn.Module):
 
     def load_weights(self, folder: str, strict: bool = True) -> None:
         path = os.path.join(folder, WEIGHTS)
+        if is_nvembed_checkpoint(folder):  # its weights are a whole model (decoder + head), not a training state
+            raise CheckpointLayoutError(f"init_from={folder} is a checkpoint in NV-Embed's layout: start from it with "
+                                        f"model.name_or_path={folder} (decoder and latent-attention head are loaded)")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"init_from: no {WEIGHTS} in {folder} (expected an nvembed stage/checkpoint folder)")
         state = load_file(path)
@@ -133,6 +139,8 @@ def build_embedder(cfg: ModelConfig, seed: Optional[int] = None) -> Embedder:
     backbone = apply_lora(backbone, cfg)
     hidden = backbone.config.hidden_size
     pooler = Pooler(hidden, cfg.pooling).to(DTYPES[cfg.dtype])
+    if cfg.random_init is None and not cfg.gguf_file and is_nvembed_checkpoint(cfg.name_or_path):
+        load_head(pooler, cfg.name_or_path, cfg)  # NV-Embed's trained latent-attention head, not a fresh one
     if not cfg.lora.enabled:
         for p in backbone.parameters():
             p.requires_grad_(True)
