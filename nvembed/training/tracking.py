@@ -62,12 +62,12 @@ class Tracker:
             for k, v in numeric.items():
                 self._tb.add_scalar(k, v, step)
         if self._wandb is not None:
-            # W&B steps must increase strictly: rows sharing a step (an eval after the stage's last step) go unstepped
-            if step is not None and step > self._wandb_step:
-                self._wandb.log(numeric, step=step)
-                self._wandb_step = step
-            else:
-                self._wandb.log(numeric)
+            # W&B's step never goes back, and a log without step= advances it: then the next training step (the
+            # stage summary and an eval come after a stage's last step) would be dropped. Rows without a step or
+            # sharing one are merged into the current step instead.
+            at = max(self._wandb_step if step is None else step, self._wandb_step, 0)
+            self._wandb.log(numeric, step=at)
+            self._wandb_step = at
 
     def close(self) -> None:
         if self._tb is not None:
