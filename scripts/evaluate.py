@@ -4,6 +4,8 @@
     python scripts/evaluate.py MODEL --beir data_specs/eval/beir/cisi [--instruction "..."]
     python scripts/evaluate.py MODEL --suite data_specs/eval/demo.yaml [--table out.md] [--chart out.png]
     python scripts/evaluate.py MODEL --beir data_specs/eval/beir/adi --truncate-dim 256   # Matryoshka: first 256 dims
+    python scripts/evaluate.py MODEL --mteb data_specs/eval/beir/adi data_specs/eval/sts/stsbenchmark-test.jsonl
+    python scripts/evaluate.py MODEL --mteb SciFact STSBenchmark   # mteb's own evaluation; task names need the hub
 
 MODEL: a sentence-transformers folder, ``bm25``, or an nvembed model folder (AutoModel with ``.encode``); see
 ``nvembed.eval.encoders.load_encoder``. Runs offline (HF_HUB_OFFLINE=1 is set unless already defined).
@@ -32,7 +34,9 @@ def main(argv=None) -> int:
     g = ap.add_mutually_exclusive_group(required=True)
     g.add_argument("--beir", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv)")
     g.add_argument("--suite", help="eval suite YAML (e.g. data_specs/eval/demo.yaml)")
-    ap.add_argument("--instruction", default=None, help="query instruction for --beir")
+    g.add_argument("--mteb", nargs="+", metavar="TASK",
+                   help="run mteb's evaluation: mteb task names (data from the hub), BEIR folders, STS .jsonl files")
+    ap.add_argument("--instruction", default=None, help="query instruction for --beir (and --mteb local tasks)")
     ap.add_argument("--split", default="test")
     ap.add_argument("--max-queries", type=int, default=None)
     ap.add_argument("--max-corpus", type=int, default=None)
@@ -58,6 +62,16 @@ def main(argv=None) -> int:
                          "instead of failing")
     a = ap.parse_args(argv)
 
+    tasks = None
+    if a.mteb:  # tasks resolved and their data loaded before the model: a task that cannot run fails first
+        from nvembed.eval.mteb_wrapper import load_task_data, resolve_tasks
+
+        if a.model.lower() == "bm25":
+            ap.error("--mteb needs an embedding model, not bm25")
+        tasks = resolve_tasks(a.mteb, instruction=a.instruction, split=a.split, max_queries=a.max_queries,
+                              max_corpus=a.max_corpus, max_doc_chars=a.max_doc_chars)
+        load_task_data(tasks)
+
     from nvembed.eval.encoders import load_encoder
 
     t0 = time.perf_counter()
@@ -80,7 +94,14 @@ def main(argv=None) -> int:
         if a.truncate_dim < 1:
             ap.error("--truncate-dim must be >= 1")
         model = TruncatedEncoder(model, a.truncate_dim)
-    if a.beir:
+    if a.mteb:
+        from nvembed.eval.mteb_wrapper import MTEBEncoderWrapper, run_mteb
+
+        res = run_mteb(MTEBEncoderWrapper(model), tasks, batch_size=a.batch_size, show_progress=a.progress)
+        for t, r in res.items():
+            print(f"mteb {t}: {r['main_score']} = {r['value']:.5f}", file=sys.stderr)
+        out = {"model": model.name, **{f"{t}/{r['main_score']}": round(r["value"], 5) for t, r in res.items()}}
+    elif a.beir:
         from nvembed.eval.retrieval import evaluate_retrieval
 
         res = evaluate_retrieval(model, a.beir, instruction=a.instruction, split=a.split, max_queries=a.max_queries,
