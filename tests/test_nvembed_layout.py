@@ -75,8 +75,13 @@ def write_nvembed_checkpoint(folder, seed=0):
         save_file({k: state[k] for k in keys}, os.path.join(folder, fname), metadata={"format": "pt"})
     with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {}, "weight_map": {k: fn for fn, ks in shards.items() for k in ks}}, f)
-    text_config = {**decoder.config.to_dict(), "model_type": "bidir_mistral", "_name_or_path": "nvidia/NV-Embed-v2",
-                   "architectures": ["MistralModel"]}
+    # as NV-Embed-v2's: written by transformers 4.42 (legacy generation keys), Mistral's sliding window set (which
+    # their bidirectional decoder never applies: a window of 8 here would change every longer text)
+    legacy = {"torch_dtype": "float32", "max_length": 20, "num_beams": 1, "temperature": 1.0, "use_bfloat16": False,
+              "add_cross_attention": False, "bad_words_ids": None, "id2label": {"0": "LABEL_0", "1": "LABEL_1"},
+              "rope_theta": 10000.0, "transformers_version": "4.42.4"}
+    text_config = {**decoder.config.to_dict(), **legacy, "sliding_window": 8, "model_type": "bidir_mistral",
+                   "_name_or_path": "nvidia/NV-Embed-v2", "architectures": ["MistralModel"]}
     config = {"model_type": "nvembed", "architectures": ["NVEmbedModel"], "add_eos": True, "add_pad_token": True,
               "is_mask_instruction": True, "mask_type": "b", "padding_side": "right", "hidden_size": d,
               "auto_map": {"AutoConfig": "configuration_nvembed.NVEmbedConfig",
@@ -98,7 +103,8 @@ def nvembed_reference(folder, texts, instruction="", max_length=4096):
     from transformers import AutoTokenizer, MistralConfig, MistralModel
 
     config = json.load(open(os.path.join(folder, "config.json")))
-    text = {k: v for k, v in config["text_config"].items() if k not in ("model_type", "architectures", "_name_or_path")}
+    drop = ("model_type", "architectures", "_name_or_path", "sliding_window")  # their mask ignores the window
+    text = {k: v for k, v in config["text_config"].items() if k not in drop}
     tok = AutoTokenizer.from_pretrained(folder, config=MistralConfig(**text))  # config.json is not the decoder's
     tok.pad_token, tok.padding_side = tok.eos_token, "right"
     batch = tok([instruction + t + tok.eos_token for t in texts], max_length=max_length, padding=True,

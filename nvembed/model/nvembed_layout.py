@@ -91,7 +91,8 @@ class NVEmbedCheckpoint:
     folder: str
     """The checkpoint folder."""
     text_config: Dict
-    """The decoder config (``model_type`` mapped to a transformers one: ``bidir_mistral`` -> ``mistral``)."""
+    """The decoder config (``model_type`` mapped to a transformers one: ``bidir_mistral`` -> ``mistral``;
+    ``sliding_window`` dropped, as NV-Embed's bidirectional decoder never applies it)."""
     head: Dict
     """``latent_attention_config`` with NV-Embed's defaults filled in."""
     files: Dict[str, str]
@@ -169,6 +170,8 @@ def read_checkpoint(folder: str) -> NVEmbedCheckpoint:
                                     f"got {type(text).__name__}")
     text = {k: v for k, v in text.items()
             if k not in ("_name_or_path", "architectures", "auto_map", "transformers_version", "torch_dtype", "dtype")}
+    if "sliding_window" in text:  # their decoder builds its own padding-only mask: full attention at any length
+        text["sliding_window"] = None
     model_type = str(text.get("model_type") or "mistral")
     text["model_type"] = model_type[len("bidir_"):] if model_type.startswith("bidir_") else model_type
     from transformers import CONFIG_MAPPING
