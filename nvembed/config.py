@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from .errors import UserError
@@ -24,15 +26,46 @@ class ConfigError(UserError, ValueError):
     kind = "config"
 
 
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric key, checked by :func:`validate` before anything loads. None passes (Optional
+    keys); a list key is checked item by item; floats must also be finite."""
+
+    ge: Optional[float] = None
+    gt: Optional[float] = None
+    le: Optional[float] = None
+    lt: Optional[float] = None
+    note: str = ""
+    """What a boundary value means (e.g. ``0 disables``), printed with the error."""
+
+    def ok(self, v: Any) -> bool:
+        if isinstance(v, float) and not math.isfinite(v):
+            return False
+        return ((self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
+                and (self.le is None or v <= self.le) and (self.lt is None or v < self.lt))
+
+    def __str__(self) -> str:
+        bounds = ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
+        return " and ".join(f"{op} {int(b) if float(b).is_integer() else b}" for op, b in bounds if b is not None)
+
+
+def ranged(default: Any, *, ge=None, gt=None, le=None, lt=None, note: str = "") -> Any:
+    """A dataclass field whose values must lie in a :class:`Range` (``default`` may be a factory such as ``list``)."""
+    meta = {"range": Range(ge=ge, gt=gt, le=le, lt=lt, note=note)}
+    if callable(default):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class LoraConfig:
     enabled: bool = True
     """Wrap the backbone with LoRA adapters (peft). False trains the full backbone."""
-    r: int = 16
+    r: int = ranged(16, ge=1)
     """LoRA rank (NV-Embed: 16)."""
-    alpha: int = 32
+    alpha: int = ranged(32, ge=1)
     """LoRA scaling alpha (NV-Embed: 32)."""
-    dropout: float = 0.1
+    dropout: float = ranged(0.1, ge=0, lt=1)
     """Dropout on the LoRA branch (NV-Embed: 0.1)."""
     target_modules: List[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -44,15 +77,15 @@ class LoraConfig:
 class PoolingConfig:
     mode: str = "latent_attention"
     """How token states become one vector: ``latent_attention`` (NV-Embed), ``mean`` or ``last_token``."""
-    num_latents: int = 512
+    num_latents: int = ranged(512, ge=1)
     """Latent-attention: rows r of the trainable latent array (NV-Embed: 512)."""
-    num_heads: int = 8
+    num_heads: int = ranged(8, ge=1)
     """Latent-attention: cross-attention heads (NV-Embed: 8)."""
-    head_dim: Optional[int] = None
+    head_dim: Optional[int] = ranged(None, ge=1)
     """Latent-attention: per-head width; None uses the backbone hidden size, as NV-Embed does (4096)."""
-    latent_dim: Optional[int] = None
+    latent_dim: Optional[int] = ranged(None, ge=1)
     """Latent-attention: width of the latent array; None uses the backbone hidden size."""
-    ff_mult: int = 4
+    ff_mult: int = ranged(4, ge=1)
     """Latent-attention: GEGLU feed-forward expansion (NV-Embed: 4)."""
     normalize: bool = True
     """L2-normalise the pooled embedding."""
@@ -78,7 +111,7 @@ class ModelConfig:
     (``model_type`` required, e.g. llama). Used by the smoke recipe and tests."""
     tokenizer: Optional[str] = None
     """Tokenizer folder or hub id; None uses ``name_or_path`` (and ``gguf_file``)."""
-    num_layers: Optional[int] = None
+    num_layers: Optional[int] = ranged(None, ge=1)
     """Keep only the first N decoder layers (a speed knob for small machines); None keeps all."""
     bidirectional: bool = True
     """Remove the causal mask so every token attends to every other (padding stays masked)."""
@@ -94,12 +127,12 @@ class ModelConfig:
     """Append the EOS token to every text (NV-Embed and E5-mistral do; required for ``last_token``)."""
     padding_side: str = "right"
     """Pad on the ``right`` or ``left``; pooling is correct either way."""
-    length_buckets: int = 4
+    length_buckets: int = ranged(4, ge=1, note="1 disables bucketing")
     """Run each forward as up to this many sub-batches of similar length, each padded only to its own longest text
     (same embeddings and gradients, fewer padded tokens computed; see ``nvembed/model/bucketing.py``). 1 disables.
     Under ZeRO-3 every rank makes exactly ``min(length_buckets, rows)`` calls, each gathering the sharded weights
     again: use 1 there when communication-bound."""
-    length_bucket_overhead: int = 64
+    length_bucket_overhead: int = ranged(64, ge=0)
     """Cost of one more sub-batch, in padded tokens: a split is made only where it saves more padding than this
     (raise it on GPUs, where small sub-batches use the device poorly)."""
     compile: bool = False
@@ -117,17 +150,17 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    temperature: float = 0.02
+    temperature: float = ranged(0.02, gt=0)
     """InfoNCE temperature tau over cosine similarity (E5-mistral: 0.02)."""
     mask_false_negatives: bool = True
     """Drop in-batch candidates whose text equals the query's own positive (they are not negatives)."""
     cross_device_negatives: bool = True
     """With several processes, every process's documents are in-batch negatives for every query."""
-    matryoshka_dims: List[int] = field(default_factory=list)
+    matryoshka_dims: List[int] = ranged(list, ge=1)
     """Also apply the loss to the first d dimensions for each d here (Matryoshka; Gecko uses 768 and 256)."""
-    distill_weight: float = 0.0
+    distill_weight: float = ranged(0.0, ge=0, note="0 disables distillation")
     """Weight of the KL term towards teacher scores (examples must carry them); 0 disables distillation."""
-    distill_temperature: float = 1.0
+    distill_temperature: float = ranged(1.0, gt=0)
     """Temperature applied to the teacher scores in the distillation term."""
 
 
@@ -135,37 +168,37 @@ class LossConfig:
 class StageConfig:
     datasets: List[str] = field(default_factory=list)
     """Data spec files (YAML, relative to ``data_specs/`` or absolute) mixed in this stage."""
-    max_steps: int = 0
+    max_steps: int = ranged(0, ge=0, note="0 derives the steps from 'epochs'")
     """Optimizer steps in this stage; 0 means derive from ``epochs``."""
-    epochs: float = 1.0
+    epochs: float = ranged(1.0, gt=0)
     """Passes over the stage data (used when ``max_steps`` is 0)."""
-    learning_rate: float = 2e-5
+    learning_rate: float = ranged(2e-5, gt=0)
     """Peak learning rate."""
     lr_scheduler: str = "linear"
     """Schedule after warm-up: ``linear`` decay to 0, ``cosine`` or ``constant``."""
-    warmup_steps: int = 0
+    warmup_steps: int = ranged(0, ge=0)
     """Linear warm-up steps."""
-    weight_decay: float = 0.0
+    weight_decay: float = ranged(0.0, ge=0)
     """AdamW weight decay."""
-    batch_size: int = 8
+    batch_size: int = ranged(8, ge=1)
     """Queries per process per micro-batch."""
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = ranged(1, ge=1, note="1 means no accumulation")
     """Micro-batches per optimizer step (plain accumulation: adds no in-batch negatives; see ``grad_cache``)."""
-    grad_cache_chunk_size: int = 0
+    grad_cache_chunk_size: int = ranged(0, ge=0, note="0 disables GradCache")
     """>0 computes each micro-batch with GradCache in chunks of this many texts: same gradients, flat memory."""
-    num_hard_negatives: int = 1
+    num_hard_negatives: int = ranged(1, ge=0)
     """Hard negatives per query."""
     in_batch_negatives: bool = True
     """Use the other queries' documents as negatives (NV-Embed: on in stage 1, off in stage 2)."""
     batching: str = "homogeneous"
     """``homogeneous``: each batch from one dataset; ``blended``: datasets mixed within a batch."""
-    query_max_length: int = 128
+    query_max_length: int = ranged(128, ge=1)
     """Token limit for queries (instruction included)."""
-    doc_max_length: int = 256
+    doc_max_length: int = ranged(256, ge=1)
     """Token limit for documents."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = ranged(1.0, ge=0, note="0 disables clipping")
     """Gradient clipping norm; 0 disables clipping."""
-    save_every: int = 0
+    save_every: int = ranged(0, ge=0, note="0 saves only at the end of the stage")
     """Checkpoint every N optimizer steps (0: only at the end of the stage)."""
 
 
@@ -175,14 +208,14 @@ class EvalConfig:
     """Evaluate before training and after each stage."""
     suites: List[str] = field(default_factory=list)
     """Evaluation suite specs (YAML files, relative to ``data_specs/eval`` or absolute)."""
-    batch_size: int = 32
+    batch_size: int = ranged(32, ge=1)
     """Texts per forward pass at evaluation."""
-    max_length: int = 256
+    max_length: int = ranged(256, ge=1)
     """Token limit per text at evaluation."""
     baselines: List[str] = field(default_factory=list)
     """Reference rows for the results table: ``bm25`` and/or sentence-transformers folders, optionally named
     ``NAME=PATH``; ``pkg://PACKAGE/SUBDIR`` finds a folder inside an installed package."""
-    truncate_dims: List[int] = field(default_factory=list)
+    truncate_dims: List[int] = ranged(list, ge=1)
     """Also evaluate with embeddings truncated to the first d dimensions and re-normalised, for each d here
     (Matryoshka, see ``loss.matryoshka_dims``); reported as extra rows ``<label>@<d>``, e.g. ``after_stage2@256``."""
 
@@ -197,17 +230,27 @@ class LoggingConfig:
     """W&B project name."""
     tensorboard: bool = True
     """Write TensorBoard event files under ``output_dir/tensorboard``."""
-    log_every: int = 1
+    log_every: int = ranged(1, ge=1)
     """Write a metrics row every N optimizer steps."""
     progress_bar: bool = True
     """Show a tqdm progress bar on the main process."""
 
 
 @dataclass
+class ExcludedDataset:
+    """A data spec of the paper setting that a recipe leaves out on purpose (shown by the dry run)."""
+
+    spec: str = MISSING
+    """Spec file (relative to ``data_specs/`` or absolute), as a stage's ``datasets`` would list it."""
+    reason: str = MISSING
+    """Why it is left out (e.g. no public copy, placeholder id)."""
+
+
+@dataclass
 class RunConfig:
     output_dir: str = "runs/default"
     """Run directory: checkpoints, metrics, logs and the final model."""
-    seed: int = 42
+    seed: int = ranged(42, ge=0, le=2**32 - 1)
     """Seed for model init, data order and dropout."""
     precision: str = "auto"
     """``auto`` (bf16 where supported, CPU included), ``bf16``, ``fp16`` or ``fp32``."""
@@ -222,10 +265,16 @@ class RunConfig:
     init_from: Optional[str] = None
     """Start from these weights (a ``final`` or checkpoint folder of an earlier run) instead of the raw backbone."""
     resume: bool = False
-    """Continue the run in ``output_dir`` from its newest complete checkpoint."""
-    keep_last: int = 2
-    """Checkpoints to keep per stage (older ones are deleted)."""
-    max_bad_steps: int = 5
+    """Continue the run in ``output_dir`` from its newest complete checkpoint. A config that differs from the saved
+    ``output_dir/config.yaml`` is refused, except keys that cannot change the result (logging, eval, keep_last,
+    save_every, max_bad_steps, export_final) and keys opted in with ``resume_changes``."""
+    resume_changes: List[str] = field(default_factory=list)
+    """With ``resume=true``: keys whose new value the resumed run applies from its checkpoint on, e.g.
+    ``[stage_defs.stage1.learning_rate]`` after non-finite losses stopped a run. Only ``stage_defs.<stage>.``
+    ``learning_rate``, ``weight_decay`` and ``max_grad_norm`` may be named."""
+    keep_last: int = ranged(2, ge=0, note="0 keeps every checkpoint")
+    """Checkpoints to keep per stage (older ones are deleted; 0 keeps all)."""
+    max_bad_steps: int = ranged(5, ge=1)
     """Stop after this many consecutive non-finite losses (each such step is skipped)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation during training."""
@@ -233,6 +282,13 @@ class RunConfig:
     """Metrics, W&B, TensorBoard."""
     export_final: bool = True
     """Write ``output_dir/final``: merged weights loadable by transformers and sentence-transformers."""
+    excluded_datasets: List[ExcludedDataset] = field(default_factory=list)
+    """Specs left out of every stage, each with its ``reason`` (e.g. a paper dataset with no public copy); listing
+    one in a stage too is an error. The dry run shows them."""
+    dry_run: bool = False
+    """Check the config and every stage's data specs (local sources opened and counted, Hugging Face ids not
+    downloaded), print one row per dataset and exit: no model loads and nothing is written. Exit 0 when all is
+    fine, 2 otherwise. A normal launch runs the same checks before the model loads."""
 
 
 CHOICES = {
@@ -267,16 +323,22 @@ def _schema_at(path: List[str]) -> Any:
 def _resolve(type_str: Any) -> Any:
     names = {"LoraConfig": LoraConfig, "PoolingConfig": PoolingConfig, "ModelConfig": ModelConfig,
              "LossConfig": LossConfig, "StageConfig": StageConfig, "EvalConfig": EvalConfig,
-             "LoggingConfig": LoggingConfig}
+             "LoggingConfig": LoggingConfig, "ExcludedDataset": ExcludedDataset}
     s = str(type_str)
     if s.startswith("Dict[str, "):
         return _DictOf(names.get(s[len("Dict[str, "):-1]))
+    if s.startswith("List[") and s[len("List["):-1] in names:
+        return _ListOf(names[s[len("List["):-1]])
     return names.get(s, s)
 
 
 class _DictOf:
     def __init__(self, value_type: Any):
         self.value_type = value_type
+
+
+class _ListOf(_DictOf):
+    """A list of dataclass items (keys below it are checked by OmegaConf's merge)."""
 
 
 def check_key(dotted: str) -> None:
@@ -310,25 +372,62 @@ def _walk_keys(node: Any, prefix: str = "") -> List[str]:
 
 
 def _check_choices(cfg: RunConfig) -> None:
-    plain = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     for pattern, choices in CHOICES.items():
         parts = pattern.split(".")
 
+        # walks the dataclasses themselves: converting the config back to OmegaConf would double validate()'s time
         def visit(node: Any, i: int, path: List[str]) -> None:
             if i == len(parts):
                 if node not in choices:
                     raise ConfigError(f"Invalid value {node!r} for '{'.'.join(path)}'; "
                                       f"valid choices: {', '.join(choices)}")
                 return
-            if not isinstance(node, dict):
-                return
-            if parts[i] == "*":
+            if parts[i] == "*" and isinstance(node, dict):
                 for k, v in node.items():
                     visit(v, i + 1, path + [k])
-            elif parts[i] in node:
-                visit(node[parts[i]], i + 1, path + [parts[i]])
+            elif dataclasses.is_dataclass(node) and hasattr(node, parts[i]):
+                visit(getattr(node, parts[i]), i + 1, path + [parts[i]])
 
-        visit(plain, 0, [])
+        visit(cfg, 0, [])
+
+
+def _first_line(e: Exception) -> str:
+    """OmegaConf's message without the full_key/object_type lines it appends (errors are one line)."""
+    return (str(getattr(e, "msg", "") or e).strip().splitlines() or [""])[0]
+
+
+def _check_ranges(node: Any, prefix: str = "") -> None:
+    """Every field with a :class:`Range` in its metadata, recursively (stage definitions included)."""
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        rng = f.metadata.get("range")
+        if rng is not None:
+            items = list(value) if isinstance(value, (list, tuple)) else [value]
+            if any(v is not None and not rng.ok(v) for v in items):
+                what = f"list values {rng}" if isinstance(value, (list, tuple)) else f"be {rng}"
+                note = f" ({rng.note})" if rng.note else ""
+                raise ConfigError(f"'{key}' must {what}{note}, got {value!r}")
+        if dataclasses.is_dataclass(value):
+            _check_ranges(value, key + ".")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if dataclasses.is_dataclass(v):
+                    _check_ranges(v, f"{key}.{k}.")
+
+
+def _check_stage(name: str, st: StageConfig) -> None:
+    """Checks across keys of one stage that is going to run."""
+    key = f"stage_defs.{name}"
+    if not st.datasets:
+        raise ConfigError(f"'{key}.datasets' is empty: a stage needs at least one data spec")
+    if not st.in_batch_negatives and st.num_hard_negatives == 0:
+        raise ConfigError(f"'{key}' has no negatives at all (in_batch_negatives=false and num_hard_negatives=0): "
+                          f"the contrastive loss would be constant; set '{key}.num_hard_negatives' >= 1")
+
+
+@functools.lru_cache(maxsize=1)
+def _schema() -> DictConfig:
+    return OmegaConf.structured(RunConfig)
 
 
 def validate(raw: Any) -> RunConfig:
@@ -340,28 +439,36 @@ def validate(raw: Any) -> RunConfig:
     for key in _walk_keys(raw):
         check_key(key)
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), raw)
+        merged = OmegaConf.merge(_schema(), raw)  # merge copies its first argument: the cached schema stays as is
     except ValidationError as e:  # wrong type
         key = getattr(e, "full_key", None) or "?"
-        raise ConfigError(f"Invalid value for config key '{key}': {e.msg if hasattr(e, 'msg') else e}") from None
+        raise ConfigError(f"Invalid value for config key '{key}': {_first_line(e)}") from None
     except ConfigKeyError as e:
-        raise ConfigError(f"Unknown config key: {e}") from None
+        raise ConfigError(f"Unknown config key: {_first_line(e)}") from None
     except OmegaConfBaseException as e:
-        raise ConfigError(f"Invalid config: {e}") from None
-    cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+        raise ConfigError(f"Invalid config: {_first_line(e)}") from None
+    try:
+        cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:  # e.g. a mandatory value (???) left unset
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"Invalid value for config key '{key}': {_first_line(e)}") from None
     _check_choices(cfg)
+    _check_ranges(cfg)
     for name in cfg.stages:
         if name not in cfg.stage_defs:
             raise ConfigError(f"'stages' names '{name}', which is not defined under 'stage_defs' "
                               f"(defined: {', '.join(cfg.stage_defs) or 'none'})")
-    for key, dims in (("loss.matryoshka_dims", cfg.loss.matryoshka_dims),
-                      ("eval.truncate_dims", cfg.eval.truncate_dims)):
-        if any(d < 1 for d in dims):
-            raise ConfigError(f"'{key}' must list dimensions >= 1, got {list(dims)}")
+        _check_stage(name, cfg.stage_defs[name])
+    excluded = {x.spec: x for x in cfg.excluded_datasets}
+    for x in cfg.excluded_datasets:
+        if not x.reason.strip():
+            raise ConfigError(f"'excluded_datasets': {x.spec} needs a 'reason' (shown by the dry run)")
+    for name in cfg.stages:
+        for sp in cfg.stage_defs[name].datasets:
+            if sp in excluded:
+                raise ConfigError(f"'stage_defs.{name}.datasets' lists {sp}, which 'excluded_datasets' leaves out "
+                                  f"({excluded[sp].reason}); remove it from one of the two")
     m = cfg.model
-    if m.length_buckets < 1 or m.length_bucket_overhead < 0:
-        raise ConfigError(f"'model.length_buckets' must be >= 1 (1 disables) and 'model.length_bucket_overhead' >= 0, "
-                          f"got {m.length_buckets} and {m.length_bucket_overhead}")
     if not (m.name_or_path or m.random_init or m.gguf_file):
         raise ConfigError("Set 'model.name_or_path' (hub id or folder), 'model.gguf_file', or 'model.random_init'")
     if m.random_init is not None and "model_type" not in m.random_init:
@@ -388,9 +495,13 @@ def describe(schema: Any = RunConfig, prefix: str = "") -> str:
     lines = []
     for f in dataclasses.fields(schema):
         t = _resolve(f.type)
-        lines.append(f"{prefix}{f.name} ({f.type}): {docs.get(f.name, '')}")
+        rng = f.metadata.get("range")
+        allowed = f" [{rng}{'; ' + rng.note if rng.note else ''}]" if rng is not None else ""
+        lines.append(f"{prefix}{f.name} ({f.type}){allowed}: {docs.get(f.name, '')}")
         if dataclasses.is_dataclass(t):
             lines.append(describe(t, prefix + f.name + "."))
+        elif isinstance(t, _ListOf):
+            lines.append(describe(t.value_type, prefix + f.name + "[]."))
         elif isinstance(t, _DictOf) and t.value_type is not None:
             lines.append(describe(t.value_type, prefix + f.name + ".<name>."))
     return "\n".join(lines)
