@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
-from typing import List
+from typing import List, Optional, Tuple
 
+from . import errors
 from .config import ConfigError, RunConfig, check_key, describe, validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,38 +45,131 @@ def finalize(cfg: RunConfig) -> RunConfig:
 
 
 def run_from_hydra(raw) -> dict:
+    cfg = finalize(validate(raw))
+    specs_root = os.path.join(REPO, "data_specs")
+    if cfg.dry_run:
+        from .preflight import dry_run
+
+        dry_run(cfg, specs_root)
+        return {}
     from .training.trainer import Trainer
 
-    cfg = finalize(validate(raw))
-    return Trainer(cfg, specs_root=os.path.join(REPO, "data_specs")).run()
+    return Trainer(cfg, specs_root=specs_root).run()
 
 
-def train_main(argv: List[str] | None = None) -> None:
+# Hydra's own options (``hydra/_internal/utils.py:get_args_parser``); those in _TAKES_VALUE are followed by a value
+# (``--config-name smoke`` or ``--config-name=smoke``), --info by an optional one
+_TAKES_VALUE = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun",
+                "--package", "-p", "--cfg", "-c"}
+_INFO = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+_OPTIONS = _TAKES_VALUE | {"--info", "-i", "--help", "-h", "--hydra-help", "--version", "--resolve", "--run", "-r",
+                           "--multirun", "-m", "--shell-completion", "-sc"}
+
+
+def split_argv(argv: List[str]) -> Tuple[List[str], List[str]]:
+    """(options with their values, ``key=value`` overrides), whatever order they were typed in: Hydra's parser
+    wants its options before the overrides, and we append overrides of our own."""
+    options: List[str] = []
+    overrides: List[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if not arg.startswith("-"):
+            overrides.append(arg)
+            continue
+        name = arg.split("=", 1)[0]
+        if name not in _OPTIONS:
+            close = difflib.get_close_matches(name, sorted(_OPTIONS | {"--help-config"}), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"Unknown option '{arg}'.{hint} Options: --config-name=RECIPE, --config-dir=DIR, "
+                              f"--help-config, --cfg=job; config keys are set as key=value")
+        options.append(arg)
+        if "=" in arg:
+            continue
+        if name in _TAKES_VALUE:
+            if i == len(argv) or argv[i].startswith("-"):
+                raise ConfigError(f"Option '{arg}' needs a value (e.g. {name}=smoke)")
+            options.append(argv[i])
+            i += 1
+        elif name in ("--info", "-i") and i < len(argv) and argv[i] in _INFO:
+            options.append(argv[i])
+            i += 1
+    return options, overrides
+
+
+def _option(options: List[str], *names: str) -> Optional[str]:
+    value = None
+    for i, arg in enumerate(options):
+        key, eq, val = arg.partition("=")
+        if key in names:
+            value = val if eq else (options[i + 1] if i + 1 < len(options) else None)
+    return value
+
+
+def check_recipe(options: List[str]) -> None:
+    """A ``--config-name`` that names no recipe fails here, listing the recipes, instead of in Hydra."""
+    name = _option(options, "--config-name", "-cn")
+    if name is None or _option(options, "--config-path", "-cp") is not None:
+        return
+    dirs = [os.path.join(REPO, "recipes")] + [d for d in [_option(options, "--config-dir", "-cd")] if d]
+    file = name if name.endswith(".yaml") else f"{name}.yaml"
+    if any(os.path.isfile(os.path.join(d, file)) for d in dirs):
+        return
+    have = sorted(f[:-5] for d in dirs if os.path.isdir(d) for f in os.listdir(d) if f.endswith(".yaml"))
+    raise ConfigError(f"No recipe '{name}' (looked for {file} in {', '.join(dirs)}); recipes: {', '.join(have)}")
+
+
+def check_syntax(overrides: List[str]) -> None:
+    """Hydra's override grammar, checked one override at a time so that the message names the one at fault."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    for arg in overrides:
+        if "=" not in arg and not arg.startswith("~"):
+            raise ConfigError(f"'{arg}' is not a key=value override (a recipe is chosen with --config-name={arg})")
+        try:
+            parser.parse_overrides([arg])
+        except OverrideParseException as e:
+            why = str(e).splitlines()[0]
+            raise ConfigError(f"Cannot parse override '{arg}': {why} (quote values with spaces or brackets; "
+                              f"grammar: https://hydra.cc/docs/advanced/override_grammar/basic/)") from None
+
+
+@errors.cli
+def train_main(argv: List[str] | None = None) -> int:
     """Entry point: ``python train/train.py --config-name=smoke output_dir=DIR key=value ...``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--help-config" in argv:
         print(describe(RunConfig))
-        return
-    try:
-        check_overrides(argv)
-    except ConfigError as e:
-        print(f"nvembed: config error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 0
+    options, overrides = split_argv(argv)
+    check_overrides(overrides)
+    check_recipe(options)
+    check_syntax(overrides)
     import hydra
 
-    given = {a.split("=", 1)[0] for a in argv if "=" in a}
+    given = {a.split("=", 1)[0] for a in overrides}
     extra = [q for q in HYDRA_QUIET if q.split("=", 1)[0] not in given]
+    failed: List[errors.UserError] = []
 
     @hydra.main(config_path=os.path.join(REPO, "recipes"), config_name="smoke", version_base=None)
     def _main(raw) -> None:
         try:
             run_from_hydra(raw)
-        except ConfigError as e:
-            print(f"nvembed: config error: {e}", file=sys.stderr)
-            sys.exit(2)
+        except errors.UserError as e:  # raised below, outside Hydra, which would print it with a traceback
+            failed.append(e)
 
     # `++key=value`: set a schema key whether or not the recipe file mentions it (our own check ran above)
-    argv = [f"++{a}" if "=" in a and not a.startswith(("-", "+", "~")) and not a.startswith("hydra")
-            and "/" not in a.split("=", 1)[0] else a for a in argv]
-    sys.argv = [sys.argv[0]] + argv + extra
-    _main()
+    overrides = [f"++{a}" if "=" in a and not a.startswith(("+", "~")) and not a.startswith("hydra")
+                 and "/" not in a.split("=", 1)[0] else a for a in overrides]
+    saved = sys.argv
+    sys.argv = [saved[0]] + options + overrides + extra
+    try:
+        _main()
+    finally:
+        sys.argv = saved
+    if failed:
+        raise failed[0]
+    return 0

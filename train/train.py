@@ -13,4 +13,4 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from nvembed.cli import train_main  # noqa: E402
 
 if __name__ == "__main__":
-    train_main()
+    sys.exit(train_main())

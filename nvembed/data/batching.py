@@ -8,6 +8,7 @@ step can be rebuilt without replaying the ones before it (resume = call ``batch(
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence
@@ -15,7 +16,7 @@ from typing import Any, Callable, Dict, List, Sequence
 import numpy as np
 
 from .example import Example
-from .spec import SpecError, load_spec
+from .spec import DataSpec, SpecError, load_spec
 from .tasks import TaskData
 
 BATCHING = ("homogeneous", "blended")
@@ -51,6 +52,13 @@ class StageData:
         self.steps_per_epoch = max(1, sum(self.sizes) // self.global_batch)
         self._sched: "OrderedDict[int, np.ndarray]" = OrderedDict()
         self._perms: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
+
+    def check_fits(self) -> None:
+        """Refuse a dataset smaller than what one batch takes from it (training calls this; tools that only read
+        a few batches of a tiny file need not)."""
+        for t, share in zip(self.tasks, self.p):
+            check_fits(t, float(share), stage=self.stage, batch_size=self.batch_size,
+                       num_processes=self.num_processes, batching=self.batching)
 
     @property
     def names(self) -> List[str]:
@@ -131,6 +139,36 @@ class StageData:
             step += 1
 
 
+def slots_per_batch(share: float, global_batch: int, batching: str) -> int:
+    """Most examples one global batch takes from a dataset with this share of the stage's weight."""
+    return global_batch if batching == "homogeneous" else int(math.ceil(global_batch * share - 1e-9))
+
+
+def check_fits(task: TaskData, share: float, *, stage: str, batch_size: int, num_processes: int,
+               batching: str) -> None:
+    """A dataset smaller than what one batch takes from it would repeat examples inside the batch (a repeated
+    example is its own in-batch negative): refuse, naming the spec, its size and the key to change."""
+    need = slots_per_batch(share, batch_size * num_processes, batching)
+    have = len(task.units)
+    if have >= need:
+        return
+    fits = have // num_processes if batching == "homogeneous" else int(have / (num_processes * share) + 1e-9)
+    what = f"{have} examples from {task.stats['rows_read']} rows"
+    procs = f" x {num_processes} processes" if num_processes > 1 else ""
+    fix = (f"lower 'stage_defs.{stage}.batch_size' to {fits} or less, or give the spec more rows" if fits >= 1
+           else "give the spec more rows")
+    raise SpecError(f"{task.spec.path}: {what}, but one {batching} batch of stage {stage!r} takes {need} "
+                    f"(batch_size {batch_size}{procs}): examples would repeat within a batch; {fix}")
+
+
+def load_stage_spec(path: str | Path, stage: str, specs_root: str | Path = "data_specs") -> DataSpec:
+    """Find, read and validate one spec of a stage (no data is read)."""
+    spec = load_spec(resolve_spec_path(path, specs_root))
+    if spec.stages and stage not in spec.stages:
+        raise SpecError(f"{spec.path}: used in stage {stage!r}, but its 'stages' are {spec.stages}")
+    return spec
+
+
 def resolve_spec_path(path: str | Path, specs_root: str | Path = "data_specs") -> Path:
     p = Path(path)
     if p.is_absolute():
@@ -153,9 +191,7 @@ def build_stage_data(spec_paths: Sequence[str | Path], *, stage: str = "stage1",
         raise SpecError(f"stage {stage!r} lists no datasets")
     tasks: List[TaskData] = []
     for sp in spec_paths:
-        spec = load_spec(resolve_spec_path(sp, specs_root))
-        if spec.stages and stage not in spec.stages:
-            raise SpecError(f"{spec.path}: used in stage {stage!r}, but its 'stages' are {spec.stages}")
+        spec = load_stage_spec(sp, stage, specs_root)
         if any(t.spec.name == spec.name for t in tasks):
             raise SpecError(f"{spec.path}: dataset name {spec.name!r} is used by two specs of stage {stage!r}")
         t = TaskData(spec, log)

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from ..config import RunConfig, StageConfig, to_dict
 from ..losses import InfoNCELoss, LossOutput, MatryoshkaLoss, distill_kl
+from ..preflight import load_stage, load_stages
 from . import checkpoint as ckpt
 from . import deepspeed_utils as ds_utils
 from .collate import Batch, Collator
@@ -88,6 +89,7 @@ class Trainer:
         self.tracker: Optional[Tracker] = None
         self.global_step = 0
         self.distill_counts = _new_distill_counts()
+        self._data: Dict[str, Any] = {}  # each stage's data, loaded and checked in setup before the model
 
     # ---- setup ---------------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -100,6 +102,12 @@ class Trainer:
         if acc.is_main_process:
             ckpt.guard_output_dir(self.out, self.cfg.resume)
         acc.wait_for_everyone()
+        # every stage's data is read and checked before the model loads and before the run folder is marked: a bad
+        # stage-2 spec fails in seconds, not after stage 1, and a retry with the same output_dir works
+        done = [n for n in self.cfg.stages if self.cfg.resume
+                and ckpt.read_state(os.path.join(self.out, n, "final")) is not None]
+        self._data = load_stages(self.cfg, self.specs_root, process_index=acc.process_index,
+                                 num_processes=acc.num_processes, log=self._log_line, skip=done)
         set_seed(self.cfg.seed)
         with ds_utils.model_init_context(acc):
             self.embedder = build_embedder(self.cfg.model, seed=self.cfg.seed)
@@ -158,13 +166,12 @@ class Trainer:
         return result
 
     def _stage_data(self, st: StageConfig, name: str):
-        from ..data import build_stage_data
-
+        """The stage's batches: loaded in setup (with every other stage's), else now (a stage setup skipped)."""
+        if name in self._data:
+            return self._data.pop(name)  # the trainer holds no reference once the stage is done
         acc = self.accelerator
-        return build_stage_data(list(st.datasets), stage=name, num_hard_negatives=st.num_hard_negatives,
-                                batch_size=st.batch_size, batching=st.batching, seed=self.cfg.seed,
-                                process_index=acc.process_index, num_processes=acc.num_processes,
-                                specs_root=self.specs_root, log=self._log_line)
+        return load_stage(self.cfg, name, self.specs_root, process_index=acc.process_index,
+                          num_processes=acc.num_processes, log=self._log_line)
 
     def _log_line(self, msg: str) -> None:
         if self.accelerator is None or self.accelerator.is_main_process:
