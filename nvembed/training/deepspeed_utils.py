@@ -14,8 +14,10 @@ Design
       (``distributed.sync_context``), which accelerate passes to the engine as the accumulation boundary. So the
       engine steps exactly once per optimizer step, whatever mixes micro-batches and GradCache chunks.
     * Checkpoints: ``accelerator.save_state`` (sharded model + optimizer + scheduler + per-rank RNG) into the
-      trainer's temporary folder, then the trainable weights (gathered) as safetensors, ``state.json`` last, then the
-      rename. Resume: ``accelerator.load_state``.
+      trainer's temporary folder, then the trainable weights (gathered) as safetensors, ``state.json``, the manifest
+      last (``checkpoint.write_manifest``), then the rename. Resume: ``accelerator.load_state`` with DeepSpeed's
+      shard reader swapped for :class:`SafeCheckpointEngine` (``torch.load(weights_only=True)``, DeepSpeed's own
+      bookkeeping types allow-listed): a checkpoint folder cannot run code when it is loaded.
     * ZeRO-3: parameters are gathered (``deepspeed.zero.GatheredParameters``) for the trainable weights of a
       checkpoint and for the final export, so ``DIR/final`` holds full weights.
 """
@@ -213,31 +215,84 @@ def load_weights(acc, embedder, folder: str) -> None:
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------------------
+def _estimate_bytes(acc, embedder, weights) -> int:
+    """A DeepSpeed checkpoint: the module's full state (every rank's shards together), fp32 master weights and two
+    Adam moments per trainable weight, plus our safetensors copy of the trainable weights."""
+    from . import checkpoint as ckpt
+
+    module = sum(int(getattr(p, "ds_numel", p.numel())) * p.element_size() for p in embedder.parameters())
+    trainable = sum(int(getattr(p, "ds_numel", p.numel())) for p in embedder.parameters() if p.requires_grad)
+    return ckpt.estimate_bytes(weights, None, extra=module + 12 * trainable)
+
+
 def save(trainer, folder: str, optimizer, state: Dict[str, Any]) -> None:
-    """Atomic checkpoint under DeepSpeed (every rank calls it): the trainer's protocol with the sharded state."""
+    """Atomic checkpoint under DeepSpeed (every rank calls it): the trainer's protocol with the sharded state. No
+    pruning: the trainer prunes once the checkpoint has proved good."""
+    from accelerate.utils import broadcast_object_list
+
     from . import checkpoint as ckpt
 
     acc = trainer.accelerator
     parent = os.path.dirname(folder.rstrip("/"))
     tmp = os.path.join(parent, f".tmp-{os.path.basename(folder)}-ds")
+    weights = trainable_state_dict(acc, trainer.embedder)  # a collective under ZeRO-3
+    need = _estimate_bytes(acc, trainer.embedder, weights)
+    failed = [None]
     if acc.is_main_process:
         os.makedirs(parent, exist_ok=True)
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
-        os.makedirs(tmp)
+        try:
+            ckpt.check_free_space(parent, folder, need)
+            os.makedirs(tmp)
+        except ckpt.DiskFullError as e:
+            failed[0] = str(e)
+    broadcast_object_list(failed)  # every rank stops, none waits for the others in a collective
+    if failed[0] is not None:
+        raise ckpt.DiskFullError(failed[0])
+    with ckpt.discard_on_error(tmp, folder, need):  # a full disk mid-save: this rank's error names the folder
+        if optimizer is not None:  # optimizer/scheduler/model shards + per-rank RNG (a collective)
+            acc.save_state(os.path.join(tmp, DS_DIR))
+        acc.wait_for_everyone()  # every rank's shards are on disk before the manifest lists them
+        if acc.is_main_process:
+            trainer.embedder.save_weights(tmp, weights)
+            ckpt.write_json_atomic(os.path.join(tmp, ckpt.STATE), dict(state, saved_at=time.time(), deepspeed=True))
+            ckpt.write_manifest(tmp)
+            ckpt.publish(tmp, folder, 0)
     acc.wait_for_everyone()
-    if optimizer is not None:  # optimizer/scheduler/model shards + per-rank RNG (a collective)
-        acc.save_state(os.path.join(tmp, DS_DIR))
-    weights = trainable_state_dict(acc, trainer.embedder)
-    if acc.is_main_process:
-        trainer.embedder.save_weights(tmp, weights)
-        ckpt.write_json_atomic(os.path.join(tmp, ckpt.STATE), dict(state, saved_at=time.time(), deepspeed=True))
-        ckpt.publish(tmp, folder, trainer.cfg.keep_last)
-    acc.wait_for_everyone()
+
+
+class SafeCheckpointEngine:
+    """DeepSpeed's checkpoint engine with a safe reader: its ``TorchCheckpointEngine.load`` unpickles with
+    ``weights_only=False`` (arbitrary code). Tensors, containers and the few DeepSpeed types its files hold are all
+    that is allowed here; writing is delegated unchanged."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    @staticmethod
+    def safe_types() -> List[Any]:
+        import deepspeed.runtime.fp16.loss_scaler as loss_scaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        return [ZeroStageEnum, fragment_address, loss_scaler.LossScaler, loss_scaler.DynamicLossScaler]
+
+    def load(self, path: str, map_location=None):
+        from .checkpoint import RunDirError
+
+        try:
+            with torch.serialization.safe_globals(self.safe_types()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as e:  # pickle.UnpicklingError names the global that is not allowed
+            raise RunDirError(f"cannot load DeepSpeed checkpoint file {path} safely: {type(e).__name__}: {e}") from e
 
 
 def load(trainer, folder: str) -> Dict[str, Any]:
-    """Resume from a checkpoint written by :func:`save` (every rank calls it)."""
+    """Resume from a checkpoint written by :func:`save` (every rank calls it; verified by the caller)."""
     from . import checkpoint as ckpt
 
     state = ckpt.read_state(folder)
@@ -245,7 +300,13 @@ def load(trainer, folder: str) -> Dict[str, Any]:
         raise ckpt.RunDirError(f"{folder} is not a complete checkpoint (no {ckpt.STATE})")
     ds_dir = os.path.join(folder, DS_DIR)
     if os.path.isdir(ds_dir):
-        trainer.accelerator.load_state(ds_dir)
+        engine = engine_of(trainer.accelerator)
+        inner = engine.checkpoint_engine
+        engine.checkpoint_engine = SafeCheckpointEngine(inner)
+        try:
+            trainer.accelerator.load_state(ds_dir)
+        finally:
+            engine.checkpoint_engine = inner
     else:  # a checkpoint written without DeepSpeed: weights only, fresh optimizer
         load_weights(trainer.accelerator, trainer.embedder, folder)
     return state

@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional
 from ..config import LoggingConfig
 from ..export.model_card import scrub  # one secret scrubber for run folders, logs and model cards
 
-__all__ = ["Tracker", "scrub", "read_metrics", "plot_loss_curves"]
+__all__ = ["Tracker", "scrub", "read_rows", "read_metrics", "plot_loss_curves"]
 
 
 class Tracker:
@@ -44,7 +44,7 @@ class Tracker:
         """On resume, drop rows logged after the checkpoint so the log equals an uninterrupted run's."""
         if not os.path.isfile(self.path):
             return
-        rows = [json.loads(l) for l in open(self.path) if l.strip()]
+        rows = read_rows(self.path)
         kept = [r for r in rows if r.get("event") != "step" or r["step"] <= keep.get(r["stage"], 10**12)]
         with open(self.path + ".tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
@@ -81,9 +81,30 @@ def _run_id(output_dir: str) -> str:
     return hashlib.sha1(os.path.abspath(output_dir).encode()).hexdigest()[:12]
 
 
+def read_rows(path: str) -> List[Dict[str, Any]]:
+    """Rows of a metrics.jsonl. A torn last line (the run was killed while appending it) is dropped with a warning:
+    it belongs to a step that a resume runs again. A bad line elsewhere is an error naming the file and line."""
+    from .checkpoint import RunDirError, warn
+
+    with open(path) as f:
+        lines = f.readlines()
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if any(l.strip() for l in lines[i:]):
+                raise RunDirError(f"{path} line {i} is not JSON ({e.msg}); repair or remove that line") from None
+            warn(f"{path} line {i} is torn (a partial row: the run stopped while writing it); dropped (a resume "
+                 f"runs again the steps after its checkpoint)")
+    return rows
+
+
 def read_metrics(output_dir: str) -> List[Dict[str, Any]]:
     path = os.path.join(output_dir, "metrics.jsonl")
-    return [json.loads(l) for l in open(path) if l.strip()] if os.path.isfile(path) else []
+    return read_rows(path) if os.path.isfile(path) else []
 
 
 def plot_loss_curves(output_dir: str) -> Optional[str]:

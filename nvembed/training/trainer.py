@@ -18,6 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ..config import RunConfig, StageConfig, to_dict
+from ..errors import UserError
 from ..losses import InfoNCELoss, LossOutput, MatryoshkaLoss, distill_kl
 from ..preflight import load_stage, load_stages
 from . import checkpoint as ckpt
@@ -27,8 +28,10 @@ from .distributed import all_gather_no_grad, all_gather_with_grad, sync_context
 from .tracking import Tracker, plot_loss_curves, scrub
 
 
-class TrainingError(RuntimeError):
-    pass
+class TrainingError(UserError, RuntimeError):
+    """Training cannot go on as configured (e.g. losses stay non-finite); the message says how to recover."""
+
+    kind = "training"
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,6 +77,10 @@ def make_accelerator(precision: str):
                        step_scheduler_with_optimizer=False)
 
 
+WEIGHT_BLOWUP = 1e3
+"""Trainable weights whose norm grows this many times within a stage have exploded (divergence, not learning)."""
+
+
 def _new_distill_counts() -> Dict[str, Any]:
     """Distillation bookkeeping of this process: micro-batches with / without a KL term, examples in / out of it."""
     return {"batches": 0, "skipped_batches": 0, "examples": 0, "unscored_examples": 0}
@@ -102,6 +109,10 @@ class Trainer:
         if acc.is_main_process:
             ckpt.guard_output_dir(self.out, self.cfg.resume)
         acc.wait_for_everyone()
+        if self.cfg.resume:  # before anything is written: the saved config and checkpoints decide (every rank)
+            ckpt.check_resume_config(self.out, scrub(to_dict(self.cfg)), list(self.cfg.resume_changes),
+                                     self._log_line)
+        resume_after = self._resume_points() if self.cfg.resume else None
         # every stage's data is read and checked before the model loads and before the run folder is marked: a bad
         # stage-2 spec fails in seconds, not after stage 1, and a retry with the same output_dir works
         done = [n for n in self.cfg.stages if self.cfg.resume
@@ -121,23 +132,28 @@ class Trainer:
             if not os.path.isfile(os.path.join(self.out, ckpt.RUN_MARKER)):
                 ckpt.write_json_atomic(os.path.join(self.out, ckpt.RUN_MARKER),
                                        {"nvembed": True, "stages": list(self.cfg.stages), "started": time.time()})
-        resume_after = self._resume_points() if self.cfg.resume else None
         self.tracker = Tracker(self.out, self.cfg.logging, scrub(to_dict(self.cfg)), enabled=acc.is_main_process,
                                resume_after=resume_after)
 
     def _resume_points(self) -> Dict[str, int]:
-        points = {}
-        for name in self.cfg.stages:
-            stage_dir = os.path.join(self.out, name)
-            final = ckpt.read_state(os.path.join(stage_dir, "final"))
-            found = ckpt.checkpoints(stage_dir)
-            if final is not None:
-                points[name] = final["step"]
-            elif found:
-                points[name] = ckpt.read_state(found[-1])["step"]
-            else:
-                points[name] = 0
-        return points
+        """Step each stage resumes at, from verified folders (:func:`checkpoint.find_resume_point`: broken ones are
+        named and skipped). Decided once on the main process and shared, so every rank loads the same checkpoint and
+        an error stops every rank."""
+        acc = self.accelerator
+        found: list = [None, None]
+        if acc is None or acc.is_main_process:
+            try:
+                found[0] = {name: ckpt.find_resume_point(os.path.join(self.out, name)) for name in self.cfg.stages}
+            except ckpt.RunDirError as e:
+                found[1] = str(e)
+        if acc is not None and acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(found)
+        if found[1] is not None:
+            raise ckpt.RunDirError(found[1])
+        self._resume_from: Dict[str, Optional[str]] = found[0]
+        return {name: (ckpt.read_state(src)["step"] if src else 0) for name, src in self._resume_from.items()}
 
     # ---- the run -------------------------------------------------------------------------------------------------
     def run(self) -> Dict[str, Any]:
@@ -185,7 +201,10 @@ class Trainer:
         acc = self.accelerator
         stage_dir = os.path.join(self.out, name)
         final_dir = os.path.join(stage_dir, "final")
-        if self.cfg.resume and ckpt.read_state(final_dir) is not None:
+        if self.cfg.resume and getattr(self, "_resume_from", None) is None:
+            self._resume_points()
+        source = self._resume_from.get(name) if self.cfg.resume else None
+        if source == final_dir:
             # finished earlier: its weights are the starting point of the next stage
             ds_utils.load_weights(acc, self.embedder, final_dir)
             self.global_step = ckpt.read_state(final_dir)["global_step"]
@@ -207,16 +226,19 @@ class Trainer:
         start = 0
         if acc.is_main_process:
             ckpt.clean_temporaries(stage_dir)
-        existing = ckpt.checkpoints(stage_dir) if self.cfg.resume else []
-        if existing and ds_utils.is_deepspeed(acc):
-            state = ds_utils.load(self, existing[-1])
+        if source is not None:
+            if ds_utils.is_deepspeed(acc):
+                state = ds_utils.load(self, source)
+            else:
+                state = ckpt.load_checkpoint(source, embedder=self.embedder, optimizer=optimizer.optimizer,
+                                             scheduler=scheduler.scheduler, rank=acc.process_index)
             start, self.global_step = state["step"], state["global_step"]
-            self._log_line(f"{name}: resumed from {existing[-1]} at step {start}/{total}")
-        elif existing:
-            state = ckpt.load_checkpoint(existing[-1], embedder=self.embedder, optimizer=optimizer.optimizer,
-                                         scheduler=scheduler.scheduler, rank=acc.process_index)
-            start, self.global_step = state["step"], state["global_step"]
-            self._log_line(f"{name}: resumed from {existing[-1]} at step {start}/{total}")
+            self._log_line(f"{name}: resumed from {source} at step {start}/{total}")
+            sched = scheduler.scheduler  # the LambdaLR (plain or DeepSpeed), built on the optimizer it steps
+            if ckpt.rebase_schedule(sched.optimizer, sched, st.learning_rate, st.weight_decay):
+                self._log_line(f"{name}: learning rate {st.learning_rate:g} (weight decay {st.weight_decay:g}) from "
+                               f"the config in force from step {start + 1} (resume_changes); lr now "
+                               f"{sched.get_last_lr()[0]:.3g}")
         collator = Collator(self.embedder.tokenizer, self.cfg.model.query_template, st.query_max_length,
                             st.doc_max_length, st.num_hard_negatives, self.cfg.model.add_eos,
                             self.cfg.model.pooling.exclude_instruction)
@@ -233,6 +255,8 @@ class Trainer:
         self.model.train()
         self.distill_counts = _new_distill_counts()
         bad, skipped, stage_t0, losses = 0, 0, time.time(), []
+        unproven = None  # newest checkpoint whose weights have not yet given a finite loss: never prune for it
+        start_norm = self._weight_norm()  # weights that outgrow it WEIGHT_BLOWUP-fold have exploded: never saved
         for step in range(start, total):
             t0 = time.time()
             stats = self.train_step(st, data, collator, loss_fn, optimizer, scheduler, step)
@@ -240,11 +264,13 @@ class Trainer:
                 bad, skipped = bad + 1, skipped + 1
                 self._log_line(f"{name} step {step + 1}: non-finite loss, step skipped ({bad} in a row)")
                 if bad >= self.cfg.max_bad_steps:
-                    raise TrainingError(f"{name}: {bad} non-finite losses in a row (max_bad_steps="
-                                        f"{self.cfg.max_bad_steps}); stopping. The last good checkpoint is kept "
-                                        f"in {stage_dir}; lower the learning rate or check the data, then resume.")
+                    raise self._diverged(name, st, f"{bad} non-finite losses in a row up to step {step + 1} "
+                                         f"(max_bad_steps={self.cfg.max_bad_steps})", unproven)
             else:
                 bad = 0
+                if unproven is not None and acc.is_main_process:  # its weights gave a finite loss: now prune
+                    ckpt.prune(stage_dir, self.cfg.keep_last, upto=unproven)
+                unproven = None
             self.global_step += 1
             dt = max(time.time() - t0, 1e-9)
             if stats is not None:
@@ -260,9 +286,18 @@ class Trainer:
                 bar.update(1)
             state = {"stage": name, "step": step + 1, "global_step": self.global_step, "total_steps": total}
             if st.save_every and (step + 1) % st.save_every == 0 and step + 1 < total:
-                self.save(os.path.join(stage_dir, f"checkpoint-{step + 1}"), optimizer, scheduler, state)
+                if bad:  # the weights are those that just gave non-finite losses: a checkpoint of them is no use
+                    self._log_line(f"{name} step {step + 1}: checkpoint not saved (non-finite losses in a row)")
+                else:
+                    self._check_weights(name, st, step + 1, start_norm)
+                    unproven = os.path.join(stage_dir, f"checkpoint-{step + 1}")
+                    self.save(unproven, optimizer, scheduler, state)
         if bar is not None:
             bar.close()
+        if bad:
+            self._log_line(f"{name}: WARNING the last {bad} steps had non-finite losses; final weights are those "
+                           f"of step {total - bad}")
+        self._check_weights(name, st, total, start_norm)
         self.save(final_dir, None, None, {"stage": name, "step": total, "global_step": self.global_step,
                                           "total_steps": total, "complete": True})
         elapsed = time.time() - stage_t0
@@ -283,7 +318,47 @@ class Trainer:
                        f"{summary['first_loss'] if losses else float('nan'):.4f} -> "
                        f"{summary['last_loss'] if losses else float('nan'):.4f}, skipped {skipped}")
 
+    def _weight_norm(self) -> float:
+        """Norm of the trainable weights as the processes hold them (ZeRO-3: partitions; else copies), summed over
+        processes: only ever compared with itself within one stage and launch."""
+        acc = self.accelerator
+        sq = torch.zeros(1, device=acc.device)
+        for p in self.model.parameters():
+            if p.requires_grad:
+                t = getattr(p, "ds_tensor", None)
+                sq += (p.data if t is None else t).detach().float().pow(2).sum()
+        return float(acc.reduce(sq, reduction="sum").sqrt())
+
+    def _check_weights(self, name: str, st: StageConfig, step: int, start_norm: float) -> None:
+        """Before a save: weights that are non-finite or exploded (a too-high learning rate gives one more finite,
+        meaningless loss before the NaNs) stop the run instead of being saved over good checkpoints."""
+        norm = self._weight_norm()
+        if not math.isfinite(norm) or norm > WEIGHT_BLOWUP * max(start_norm, 1.0):
+            raise self._diverged(name, st, f"the trainable weights exploded at step {step} (norm {norm:.3g}, "
+                                 f"{start_norm:.3g} at the start of the stage)", None)
+
+    def _diverged(self, name: str, st: StageConfig, what: str, unproven: Optional[str]) -> TrainingError:
+        """The divergence error: names the last good checkpoint and the resume line that continues from it with a
+        lower learning rate. ``unproven``: a checkpoint saved since the last finite loss; its weights are the ones
+        that gave the streak, so the way back starts from the one before it."""
+        stage_dir = os.path.join(self.out, name)
+        good = [c for c in ckpt.checkpoints(stage_dir) if c != unproven]
+        key = f"stage_defs.{name}.learning_rate"
+        fix = f"resume=true {key}={st.learning_rate / 10:g} resume_changes=[{key}]"
+        if unproven is not None:
+            move = f"mv {unproven} {unproven}.nonfinite && "
+            first = (f"{unproven} was saved just before, with the weights that gave these losses; " +
+                     (f"the last good checkpoint is {good[-1]}. " if good else "the stage restarts from its beginning. "))
+        else:
+            move, first = "", (f"The last good checkpoint is {good[-1]}. " if good else
+                               f"{name} has no good checkpoint: it restarts from its beginning. ")
+        return TrainingError(f"{name}: {what}; stopped. Nothing was saved after the last good step. {first}"
+                             f"Continue with a lower learning rate: {move}{fix} (the learning rate is now "
+                             f"{st.learning_rate:g}; or check the data).")
+
     def save(self, folder: str, optimizer, scheduler, state: Dict[str, Any]) -> None:
+        """Save a checkpoint (``optimizer`` None: a stage's final weights). No pruning here: ``run_stage`` prunes
+        once a later step proves the new checkpoint's weights good."""
         from accelerate.utils import gather_object
 
         acc = self.accelerator
@@ -292,12 +367,21 @@ class Trainer:
         acc.wait_for_everyone()
         weights = self.embedder.trainable_state_dict()
         rngs = gather_object([ckpt.rng_state()]) if acc.num_processes > 1 else None  # every rank's (a collective)
+        failed = [None]  # a full disk stops every rank, not only the one that writes
         if acc.is_main_process:
-            ckpt.save_checkpoint(folder, embedder=self.embedder,
-                                 optimizer=optimizer.optimizer if optimizer is not None else None,
-                                 scheduler=scheduler.scheduler if scheduler is not None else None,
-                                 state=state, weights=weights, keep_last=self.cfg.keep_last, rng_states=rngs)
-        acc.wait_for_everyone()
+            try:
+                ckpt.save_checkpoint(folder, embedder=self.embedder,
+                                     optimizer=optimizer.optimizer if optimizer is not None else None,
+                                     scheduler=scheduler.scheduler if scheduler is not None else None,
+                                     state=state, weights=weights, keep_last=0, rng_states=rngs)
+            except ckpt.DiskFullError as e:
+                failed[0] = str(e)
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(failed)
+        if failed[0] is not None:
+            raise ckpt.DiskFullError(failed[0])
 
     # ---- one optimizer step --------------------------------------------------------------------------------------
     def train_step(self, st: StageConfig, data, collator: Collator, loss_fn, optimizer, scheduler,
