@@ -69,7 +69,8 @@ def main(argv=None) -> int:
         if a.model.lower() == "bm25":
             ap.error("--mteb needs an embedding model, not bm25")
         tasks = resolve_tasks(a.mteb, instruction=a.instruction, split=a.split, max_queries=a.max_queries,
-                              max_corpus=a.max_corpus, max_doc_chars=a.max_doc_chars)
+                              max_corpus=a.max_corpus, max_doc_chars=a.max_doc_chars,
+                              allow_missing_docs=a.allow_missing_docs, log=lambda m: print(m, file=sys.stderr))
         load_task_data(tasks)
 
     from nvembed.eval.encoders import load_encoder

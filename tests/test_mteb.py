@@ -156,10 +156,10 @@ def test_mteb_task_errors_are_one_line(tmp_path, capsys, monkeypatch):
     cases = [("SciFact", "mteb error: MTEB task 'SciFact': its data (mteb/scifact) could not be loaded"),
              ("SciFactt", "unknown MTEB task 'SciFactt'"),
              (str(tmp_path / "nope"), "no such file or folder"),
-             (str(tmp_path / "empty"), "not a BEIR folder")]
+             (str(tmp_path / "empty"), "data error: " + str(tmp_path / "empty" / "corpus.jsonl"))]
     for task, msg in cases:
         with pytest.raises(SystemExit) as e:
             main([str(tmp_path / "no-model"), "--mteb", task])
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == errors.EXIT_USER_ERROR and len(err) == 1 and msg in err[0], (task, err)
-        assert err[0].startswith("nvembed: mteb error: ")
+        assert err[0].startswith("nvembed: ")

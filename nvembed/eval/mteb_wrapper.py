@@ -152,20 +152,18 @@ def _metadata(name: str, task_type: str, main_score: str, path: str, prompt, des
 
 def local_retrieval_task(folder, *, name: Optional[str] = None, instruction: Optional[str] = None,
                          split: str = "test", max_queries: Optional[int] = None, max_corpus: Optional[int] = None,
-                         max_doc_chars: Optional[int] = None, seed: int = 0):
-    """An ``AbsTaskRetrieval`` over a BEIR folder, loaded and subset exactly as
-    :func:`nvembed.eval.retrieval.evaluate_retrieval` does (same ``max_*`` and ``seed`` -> same data).
-    ``instruction`` becomes the task's query prompt. The task's split is always called "test"."""
+                         max_doc_chars: Optional[int] = None, seed: int = 0, allow_missing_docs: bool = False,
+                         log=None):
+    """An ``AbsTaskRetrieval`` over a BEIR folder, loaded (and checked: bad lines fail naming file and line) and
+    subset exactly as :func:`nvembed.eval.retrieval.evaluate_retrieval` does (same ``max_*`` and ``seed`` -> same
+    data). ``instruction`` becomes the task's query prompt. The task's split is always called "test"."""
     from datasets import Dataset
     from mteb.abstasks.retrieval import AbsTaskRetrieval
 
     from nvembed.eval.retrieval import doc_text, load_beir, subset_beir
 
     folder = Path(folder)
-    for f in (folder / "corpus.jsonl", folder / "queries.jsonl", folder / "qrels" / f"{split}.tsv"):
-        if not f.is_file():
-            raise MTEBTaskError(f"{folder}: not a BEIR folder, {f} is missing")
-    corpus, queries, qrels = load_beir(folder, split)
+    corpus, queries, qrels = load_beir(folder, split, allow_missing_docs=allow_missing_docs, log=log)
     corpus, queries, qrels = subset_beir(corpus, queries, qrels, max_queries=max_queries, max_corpus=max_corpus,
                                          seed=seed)
     if max_doc_chars:  # the whole "title. text" is cut, as doc_text(doc, max_chars) does
@@ -213,7 +211,7 @@ def local_sts_task(path, *, name: Optional[str] = None, instruction: Optional[st
 
 def resolve_tasks(words: Sequence[str], *, instruction: Optional[str] = None, split: str = "test",
                   max_queries: Optional[int] = None, max_corpus: Optional[int] = None,
-                  max_doc_chars: Optional[int] = None) -> list:
+                  max_doc_chars: Optional[int] = None, allow_missing_docs: bool = False, log=None) -> list:
     """Each word is a BEIR folder (local retrieval task), an STS ``.jsonl`` file (local STS task) or an mteb task
     name (its data come from the Hugging Face hub when evaluated). Unknown names fail here, before any model runs."""
     import mteb
@@ -223,7 +221,8 @@ def resolve_tasks(words: Sequence[str], *, instruction: Optional[str] = None, sp
         p = Path(w)
         if p.is_dir():
             tasks.append(local_retrieval_task(p, instruction=instruction, split=split, max_queries=max_queries,
-                                              max_corpus=max_corpus, max_doc_chars=max_doc_chars))
+                                              max_corpus=max_corpus, max_doc_chars=max_doc_chars,
+                                              allow_missing_docs=allow_missing_docs, log=log))
         elif p.is_file():
             if p.suffix != ".jsonl":
                 raise MTEBTaskError(f"{w}: a local task is a BEIR folder or an STS .jsonl file")
