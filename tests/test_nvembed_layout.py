@@ -144,7 +144,7 @@ def nvembed_reference(folder, texts, instruction="", max_length=4096):
 
 
 def model_cfg(folder, **pooling):
-    head = dict(num_latents=8, num_heads=2, head_dim=16, **pooling)
+    head = {"num_latents": 8, "num_heads": 2, "head_dim": 16, **pooling}
     return ModelConfig(name_or_path=folder, pooling=PoolingConfig(**head),
                        lora=LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0))
 
@@ -254,9 +254,9 @@ def test_keys_or_shapes_that_do_not_fit_name_file_and_key(ckpt, tmp_path, capsys
     with pytest.raises(CheckpointLayoutError, match=r"model-0000\d-of-00002\.safetensors: weight "
                        r"'latent_attention_model\.latents' has shape \[8, 32\], but model\.pooling builds \[4, 32\]"
                        r".*set model\.pooling: num_latents=8, num_heads=2, head_dim=16"):
-        build_embedder(_cfg_with(ckpt, num_latents=4))
+        build_embedder(model_cfg(ckpt, num_latents=4))
     with pytest.raises(CheckpointLayoutError, match=r"num_cross_heads=2 but model.pooling.num_heads=4"):
-        build_embedder(_cfg_with(ckpt, num_heads=4, head_dim=8))  # same widths, other head split
+        build_embedder(model_cfg(ckpt, num_heads=4, head_dim=8))  # same widths, other head split
     missing = _broken_copy(ckpt, str(tmp_path / "missing"), edit_weights=lambda s: s.pop(q, None))
     with pytest.raises(CheckpointLayoutError, match=rf"missing weight '{q}'"):
         build_embedder(model_cfg(missing))
@@ -279,13 +279,6 @@ def test_keys_or_shapes_that_do_not_fit_name_file_and_key(ckpt, tmp_path, capsys
     with pytest.raises(CheckpointLayoutError, match="model.name_or_path="):
         build_embedder(ModelConfig(random_init=dict(TINY["mistral"]), tokenizer=TINY_TOKENIZER,
                                    pooling=PoolingConfig(num_latents=8, num_heads=2, head_dim=16))).load_weights(ckpt)
-
-
-def _cfg_with(folder, **pooling):
-    cfg = model_cfg(folder)
-    for k, v in pooling.items():
-        setattr(cfg.pooling, k, v)
-    return cfg
 
 
 @pytest.fixture(scope="module")
