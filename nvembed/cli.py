@@ -152,12 +152,16 @@ def train_main(argv: List[str] | None = None) -> int:
 
     given = {a.split("=", 1)[0] for a in overrides}
     extra = [q for q in HYDRA_QUIET if q.split("=", 1)[0] not in given]
+    from .sweep import for_job, hydra_args, is_sweep  # -m: one run per combination, a table over them
+
+    if is_sweep(options):
+        extra += hydra_args(overrides)
     failed: List[errors.UserError] = []
 
     @hydra.main(config_path=os.path.join(REPO, "recipes"), config_name="smoke", version_base=None)
     def _main(raw) -> None:
         try:
-            run_from_hydra(raw)
+            run_from_hydra(for_job(raw))
         except errors.UserError as e:  # raised below, outside Hydra, which would print it with a traceback
             failed.append(e)
 
