@@ -22,18 +22,27 @@ class DryRunError(UserError):
     kind = "dry run"
 
 
-def check_suites(cfg: RunConfig) -> None:
-    """Every evaluation suite exists and parses (only when evaluation is on)."""
+def check_eval(cfg: RunConfig) -> None:
+    """Every evaluation suite exists and parses, every reference model folder exists (only when evaluation is on):
+    the reference rows are measured after training, too late to find a typo."""
     if not cfg.eval.enabled:
         return
     from .eval.suite import load_suite
-    from .training.evaluation import _suites
+    from .training.evaluation import _suites, resolve_baseline
 
     try:
         for path in _suites(cfg):
             load_suite(path)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"'eval.suites': {e}") from None
+    for spec in cfg.eval.baselines:
+        target = spec.partition("=")[2] if "=" in spec else spec
+        try:
+            folder = "bm25" if target.lower() == "bm25" else resolve_baseline(target)
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from None
+        if folder != "bm25" and not os.path.isdir(folder):
+            raise ConfigError(f"'eval.baselines': {spec!r} is neither bm25 nor a model folder ({folder} not found)")
 
 
 def load_stage(cfg: RunConfig, name: str, specs_root: str, *, process_index: int = 0, num_processes: int = 1,
@@ -56,7 +65,7 @@ def load_stages(cfg: RunConfig, specs_root: str, *, process_index: int = 0, num_
 
     for x in cfg.excluded_datasets:
         resolve_spec_path(x.spec, specs_root)  # a typo in an exclusion would otherwise go unnoticed
-    check_suites(cfg)
+    check_eval(cfg)
     return {name: load_stage(cfg, name, specs_root, process_index=process_index, num_processes=num_processes,
                              log=log)
             for name in cfg.stages if name not in skip}
@@ -138,7 +147,7 @@ def dry_run(cfg: RunConfig, specs_root: str, out: Callable[[str], None] = print)
             rows.append(Row("-", "?", "-", None, None, f"ERROR excluded_datasets: {e}", x.spec, failed=True))
     problems = [r.status[len("ERROR "):] for r in rows if r.failed]  # each message names its spec file
     out(_table(rows))
-    for check in (lambda: check_suites(cfg), lambda: guard_output_dir(cfg.output_dir, cfg.resume)):
+    for check in (lambda: check_eval(cfg), lambda: guard_output_dir(cfg.output_dir, cfg.resume)):
         try:
             check()
         except (ConfigError, RunDirError) as e:
@@ -146,7 +155,7 @@ def dry_run(cfg: RunConfig, specs_root: str, out: Callable[[str], None] = print)
             out(f"ERROR {e}")
     m = cfg.model
     model = (f"random init ({m.random_init.get('model_type')})" if m.random_init
-             else f"{m.name_or_path or ''}{' / ' + m.gguf_file if m.gguf_file else ''} (not loaded by a dry run)")
+             else " / ".join(x for x in (m.name_or_path, m.gguf_file) if x) + " (not loaded by a dry run)")
     counts = {"ok": sum(r.status.startswith("ok") for r in rows),
               "not checked offline": sum(r.status.startswith("not checked") for r in rows),
               "excluded": sum(r.status.startswith("excluded") for r in rows), "failed": len(problems)}

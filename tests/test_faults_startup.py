@@ -225,11 +225,17 @@ def test_stage2_error_before_training_then_retry_in_same_folder(capsys, tmp_path
         assert snapshot(outdir) == before
 
 
-def test_missing_eval_suite_fails_before_anything(capsys, outdir):
+@pytest.mark.parametrize("override,parts", [
+    (["eval.suites=[nope.yaml]"], ["'eval.suites'", "nope.yaml"]),
+    # reference rows are measured after training: without this check a typo surfaced only at the very end
+    (["eval.suites=[ci.yaml]", "eval.baselines=[bm25,'mini=/nope/model']"],
+     ["'eval.baselines'", "/nope/model not found"]),
+], ids=["suite", "baseline"])
+def test_eval_mistakes_fail_before_anything(capsys, outdir, override, parts):
     before = snapshot(outdir)
-    code, _, err = launch(capsys, "--config-name=smoke", f"output_dir={outdir}", "eval.enabled=true",
-                          "eval.suites=[nope.yaml]", *QUIET)
-    assert_one_line_error(code, err, "config", "'eval.suites'", "nope.yaml")
+    code, _, err = launch(capsys, "--config-name=smoke", f"output_dir={outdir}", "eval.enabled=true", *override,
+                          *QUIET)
+    assert_one_line_error(code, err, "config", *parts)
     assert snapshot(outdir) == before
 
 
