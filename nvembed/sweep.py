@@ -53,9 +53,9 @@ def hydra_args(overrides: List[str]) -> List[str]:
     fixed = [k for k in keys if k not in swept] if swept else []  # nothing swept: name from every override
     exclude = sorted(set(NEVER_IN_NAME + fixed))
     given = {o.split("=", 1)[0].lstrip("+") for o in overrides}
-    mine = {
+    mine = {  # the subdir is quoted: the override grammar refuses a nested ${} unquoted
         "hydra.sweep.dir": "${output_dir}",
-        "hydra.sweep.subdir": "'${%s:${hydra.job.override_dirname}}'" % NAME_RESOLVER,  # quoted: the grammar refuses nested ${}
+        "hydra.sweep.subdir": "'${%s:${hydra.job.override_dirname}}'" % NAME_RESOLVER,
         "hydra.job.config.override_dirname.exclude_keys": "[" + ",".join(exclude) + "]",
         "++hydra.callbacks.nvembed_sweep._target_": "nvembed.sweep.SweepCallback",
     }
