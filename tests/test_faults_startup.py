@@ -149,7 +149,7 @@ def _spec(tmp_path, body, data=None, name="d"):
     """A spec file (and its data file) in tmp_path; returns the spec path and the data path."""
     path = tmp_path / f"{name}.yaml"
     path.write_text(body)
-    dpath = tmp_path / f"{name}.jsonl"
+    dpath = tmp_path / (f"{name}.parquet" if f"{name}.parquet" in body else f"{name}.jsonl")
     if data is not None:
         dpath.write_bytes(data if isinstance(data, bytes) else data.encode())
     return path, dpath
@@ -164,6 +164,7 @@ DATA_CASES = {
     "empty_text": (RETR, OK + '{"q": "  ", "p": "y"}\n', ["d.jsonl:2:", "field 'q'", "empty text"]),
     "not_utf8": (RETR, OK.encode() + b'{"q": "caf\xe9", "p": "y"}\n', ["d.jsonl:2:", "cannot decode as utf-8",
                                                                       "source.encoding"]),
+    "not_parquet": (RETR.replace("d.jsonl", "d.parquet"), "not a parquet file", ["d.parquet: cannot read as parquet"]),
     "unknown_task": (RETR.replace("retrieval", "retreival"), OK, ["'task' is 'retreival'", "valid choices"]),
     "typo_field": (RETR.replace("fields:", "feilds:"), OK, ["unknown key 'feilds'", "Did you mean 'fields'?"]),
     "one_class": ("name: d\ntask: classification\ninstruction: classify it\nsource: {path: d.jsonl}\n"

@@ -253,6 +253,12 @@ def open_source(spec: DataSpec, on_bad: Callable[[str, str], None]) -> Source:
     if fmt == "parquet":
         if not path.exists():
             raise SpecError(f"{path}: data file not found")
+        try:  # the footer first: datasets would log its own multi-line error before raising
+            import pyarrow.parquet as pq
+
+            pq.read_schema(str(path))
+        except Exception as e:  # pyarrow says what is wrong, not which spec asked for the file
+            raise SpecError(f"{path}: cannot read as parquet ({type(e).__name__}: {e}); spec {spec.path}") from None
         ds = datasets.Dataset.from_parquet(str(path))
         return Source(ds, spec, False, lambda i: f"{path}:row {i + 1}", _label_names(ds, spec))
     rows, lines = [], []
