@@ -2,11 +2,12 @@
 
 One smoke run through the CLI with both loggers on and a one-task evaluation, so the rows that come between two
 stages (stage summary, evaluation) are exercised: they once pushed W&B's step past the next training step, which
-W&B then dropped.
+W&B then dropped. And a resumed run: TensorBoard once kept the interrupted run's steps after the checkpoint too.
 """
 
 import glob
 import os
+import shutil
 import struct
 
 import numpy as np
@@ -52,7 +53,7 @@ def tensorboard_scalars(folder):
 
     acc = EventAccumulator(folder, size_guidance={"scalars": 0})
     acc.Reload()
-    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -99,7 +100,7 @@ def test_wandb_and_tensorboard_hold_every_logged_value(logged_run):
     run_files = glob.glob(os.path.join(logged_run, "wandb", "offline-run-*", "run-*.wandb"))
     assert len(run_files) == 1, run_files
     wb = wandb_history(run_files[0])
-    tb = tensorboard_scalars(os.path.join(logged_run, "tensorboard"))
+    tb = {tag: dict(pts) for tag, pts in tensorboard_scalars(os.path.join(logged_run, "tensorboard")).items()}
 
     for r in steps:
         key = f"{r['stage']}/loss"
@@ -114,3 +115,19 @@ def test_wandb_and_tensorboard_hold_every_logged_value(logged_run):
     # the stage summary lands on the stage's last step in W&B
     summary = next(r for r in rows if r["event"] == "stage_summary" and r["stage"] == "stage1")
     assert wb[2]["stage1/last_loss"] == summary["last_loss"] == steps[1]["loss"]
+
+
+def test_tensorboard_after_resume_holds_each_step_once(tmp_path):
+    out = tmp_path / "run"
+    argv = ["--config-name=smoke", f"output_dir={out}", "logging.wandb=false", "logging.tensorboard=true",
+            "logging.progress_bar=false", "export_final=false", "stages=[stage1]", "stage_defs.stage1.max_steps=4",
+            "stage_defs.stage1.save_every=2", "stage_defs.stage1.datasets=[demo/medquad.yaml]"]
+    train_main(argv)
+    # interrupted after step 4 was logged, before the stage's final save: the resume restarts from checkpoint-2
+    shutil.rmtree(out / "stage1" / "final")
+    train_main(argv + ["resume=true"])
+    steps = [r for r in read_metrics(str(out)) if r["event"] == "step"]
+    assert [r["global_step"] for r in steps] == [1, 2, 3, 4]
+    tb = tensorboard_scalars(str(out / "tensorboard"))
+    assert len(glob.glob(str(out / "tensorboard" / "events.out.tfevents.*"))) == 2  # one file per process
+    assert tb["stage1/loss"] == [(r["global_step"], np.float32(r["loss"])) for r in steps]

@@ -23,12 +23,13 @@ class Tracker:
         self._tb = None
         if not enabled:
             return
-        if resume_after is not None:
-            self._truncate(resume_after)
+        purge = self._truncate(resume_after) if resume_after is not None else None
         if cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+                # purge_step: TensorBoard then hides what the interrupted run logged after the checkpoint (the
+                # resume logs those steps again), as _truncate drops those rows from metrics.jsonl
+                self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=purge)
             except Exception as e:  # tensorboard is optional at run time
                 print(f"[nvembed] TensorBoard disabled: {e}")
         if cfg.wandb and cfg.wandb_mode != "disabled":
@@ -40,15 +41,17 @@ class Tracker:
             except Exception as e:
                 print(f"[nvembed] W&B disabled: {e}")
 
-    def _truncate(self, keep: Dict[str, int]) -> None:
-        """On resume, drop rows logged after the checkpoint so the log equals an uninterrupted run's."""
+    def _truncate(self, keep: Dict[str, int]) -> Optional[int]:
+        """On resume, drop rows logged after the checkpoint so the log equals an uninterrupted run's. Returns the
+        first global step dropped (None if none was)."""
         if not os.path.isfile(self.path):
-            return
+            return None
         rows = read_rows(self.path)
-        kept = [r for r in rows if r.get("event") != "step" or r["step"] <= keep.get(r["stage"], 10**12)]
+        after = [r.get("event") == "step" and r["step"] > keep.get(r["stage"], 10**12) for r in rows]
         with open(self.path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
+            f.writelines(json.dumps(r) + "\n" for r, drop in zip(rows, after) if not drop)
         os.replace(self.path + ".tmp", self.path)
+        return min((r["global_step"] for r, drop in zip(rows, after) if drop), default=None)
 
     def log(self, row: Dict[str, Any]) -> None:
         if not self.enabled:
