@@ -45,6 +45,12 @@ def check_eval(cfg: RunConfig) -> None:
             raise ConfigError(f"'eval.baselines': {spec!r} is neither bm25 nor a model folder ({folder} not found)")
 
 
+def check_init_from(cfg: RunConfig) -> None:
+    """``init_from`` is a folder of an earlier run (a dry run would otherwise not notice a typo there)."""
+    if cfg.init_from and not os.path.isdir(cfg.init_from):
+        raise ConfigError(f"'init_from': {cfg.init_from} is not a folder (a 'final' or checkpoint folder of a run)")
+
+
 def load_stage(cfg: RunConfig, name: str, specs_root: str, *, process_index: int = 0, num_processes: int = 1,
                log: Callable[[str], None] = print) -> "StageData":
     """Read and check one stage's data: every spec, every row, and that no batch would repeat an example."""
@@ -66,6 +72,7 @@ def load_stages(cfg: RunConfig, specs_root: str, *, process_index: int = 0, num_
     for x in cfg.excluded_datasets:
         resolve_spec_path(x.spec, specs_root)  # a typo in an exclusion would otherwise go unnoticed
     check_eval(cfg)
+    check_init_from(cfg)
     return {name: load_stage(cfg, name, specs_root, process_index=process_index, num_processes=num_processes,
                              log=log)
             for name in cfg.stages if name not in skip}
@@ -147,7 +154,8 @@ def dry_run(cfg: RunConfig, specs_root: str, out: Callable[[str], None] = print)
             rows.append(Row("-", "?", "-", None, None, f"ERROR excluded_datasets: {e}", x.spec, failed=True))
     problems = [r.status[len("ERROR "):] for r in rows if r.failed]  # each message names its spec file
     out(_table(rows))
-    for check in (lambda: check_eval(cfg), lambda: guard_output_dir(cfg.output_dir, cfg.resume)):
+    for check in (lambda: check_eval(cfg), lambda: check_init_from(cfg),
+                  lambda: guard_output_dir(cfg.output_dir, cfg.resume)):
         try:
             check()
         except (ConfigError, RunDirError) as e:

@@ -99,15 +99,16 @@ def test_dry_run_lists_every_problem_then_exits_2(capsys, tmp_path):
     code, out, err = launch(capsys, "--config-name=smoke", f"output_dir={run}", "dry_run=true",
                             f"stage_defs.stage1.datasets=['{specs['small']}',demo/qnli.yaml]",
                             "stage_defs.stage1.batch_size=4",  # 3 rows cannot fill a homogeneous batch of 4
-                            f"stage_defs.stage2.datasets=['{specs['bad']}',demo/stsb.yaml]")
+                            f"stage_defs.stage2.datasets=['{specs['bad']}',demo/stsb.yaml]",
+                            "init_from=/nonexistent/final")
     assert code == 2
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("nvembed: dry run error: 3 problem(s) (table above); first: ")
+    assert len(lines) == 1 and lines[0].startswith("nvembed: dry run error: 4 problem(s) (table above); first: ")
     rows = {(r["stage"], r["dataset"]): r["status"] for r in table(out)}
     assert rows[("stage1", "small")].startswith(f"ERROR {specs['small']}: 3 examples from 3 rows")
     assert rows[("stage1", "qnli")] == "ok" and rows[("stage2", "stsb")] == "ok"
     assert rows[("stage2", "bad")].startswith(f"ERROR {tmp_path / 'bad.jsonl'}:2: field 'p'")
-    assert "ERROR output_dir" in out and "already holds a run" in out
+    assert "ERROR output_dir" in out and "already holds a run" in out and "ERROR 'init_from'" in out
     assert os.listdir(run) == ["run.json"]
     # with a batch the small set can fill, and a fixed file, the same check passes
     (tmp_path / "bad.jsonl").write_text("".join(json.dumps({"q": f"q {i}", "p": f"p {i}"}) + "\n" for i in range(4)))
