@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Collection, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Collection, Dict, List, Optional
 
 from .config import ConfigError, RunConfig
 from .errors import UserError
+
+if TYPE_CHECKING:  # nvembed.data pulls in datasets: imported where used
+    from .data import StageData
 
 
 class DryRunError(UserError):

@@ -100,6 +100,11 @@ def test_every_numeric_key_has_a_range_and_refuses_values_outside_it():
     assert len(fields) >= 30  # the walk reaches every section (model, pooling, lora, loss, stage, eval, logging)
     missing = [k for k, f in fields if "range" not in f.metadata]
     assert not missing, f"numeric keys without a declared range: {missing}"
+    helptext = C.describe()  # --help-config shows each range next to its key
+    for key, f in fields:
+        shown = key.replace("stage_defs.stage1.", "stage_defs.<name>.")
+        assert any(line.startswith(f"{shown} (") and f"[{f.metadata['range']}" in line
+                   for line in helptext.splitlines()), key
     good = C.validate(_smoke())
     C._check_ranges(good)  # the smoke recipe is inside every range
     for key, f in fields:  # validate() runs this check; calling it directly keeps 35 cases fast
