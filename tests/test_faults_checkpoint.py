@@ -6,6 +6,7 @@ exception, and that nothing already written changed."""
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -214,6 +215,19 @@ def test_divergence_keeps_the_good_checkpoint_and_resume_with_a_lower_lr_recover
     assert {k: float(t.abs().max()) for k, t in w.items() if not t.abs().max() < 100} == {}
 
 
+def test_no_checkpoint_is_saved_during_a_non_finite_streak(tmp_path, capsys):
+    """Weights exploded twice give inf/NaN losses: the checkpoint due at step 4 falls in the streak and is not saved
+    (it used to be, with the very weights that give the NaNs); max_bad_steps stops the run with the way back."""
+    out = tmp_path / "run"
+    line = _refused(capsys, out, "stage_defs.stage1.max_steps=6", "stage_defs.stage1.save_every=4",
+                    "max_bad_steps=2", "stage_defs.stage1.warmup_steps=1", "stage_defs.stage1.learning_rate=1e12")
+    assert re.match(r"nvembed: training error: stage1: 2 non-finite losses in a row up to step [45] "
+                    r"\(max_bad_steps=2\), no checkpoint saved during them; stopped\. stage1 has no good checkpoint: "
+                    r"it restarts from its beginning\. Continue with a lower learning rate: resume=true ", line), line
+    assert not os.path.exists(out / "stage1") or ckpt.checkpoints(str(out / "stage1")) == []
+    assert [r["step"] for r in _steps(out)] in ([1, 2], [1, 2, 3])  # the skipped steps log no row
+
+
 # ---- 5. disk full -------------------------------------------------------------------------------------------------
 def _tiny_save_args():
     from nvembed.model import build_embedder
@@ -271,3 +285,33 @@ def test_disk_full_pre_check_in_a_training_run(tmp_path, capsys, monkeypatch):
     assert "has 0.0 MiB free" in line and "it needs about" in line
     assert sorted(os.listdir(out / "stage1")) == ["checkpoint-1"]
     assert ckpt.verify(str(out / "stage1" / "checkpoint-1")) is None
+
+
+# ---- 6. DeepSpeed shards are read without running code ---------------------------------------------------------------
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # what a crafted checkpoint file can do to an unpickler that allows it
+        return open, (self.marker, "w")
+
+
+def test_deepspeed_shards_are_read_without_running_code(tmp_path):
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from nvembed.training.deepspeed_utils import SafeCheckpointEngine
+
+    engine = SafeCheckpointEngine(TorchCheckpointEngine())
+    marker = tmp_path / "code-ran"
+    torch.save({"module": {"w": torch.ones(2)}, "extra": _Evil(str(marker))}, tmp_path / "evil.pt")
+    with pytest.raises(ckpt.RunDirError, match=f"cannot load DeepSpeed checkpoint file {tmp_path / 'evil.pt'} safely"):
+        engine.load(str(tmp_path / "evil.pt"))
+    assert not marker.exists()
+    # DeepSpeed's own bookkeeping types are allowed (the resume tests in test_distributed.py load real shards)
+    torch.save({"zero_stage": ZeroStageEnum.weights, "loss_scaler": LossScaler(2.0), "w": torch.ones(2)},
+               tmp_path / "ok.pt")
+    got = engine.load(str(tmp_path / "ok.pt"))
+    assert got["zero_stage"] == ZeroStageEnum.weights and got["loss_scaler"].cur_scale == 2.0

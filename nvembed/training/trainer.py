@@ -265,7 +265,8 @@ class Trainer:
                 self._log_line(f"{name} step {step + 1}: non-finite loss, step skipped ({bad} in a row)")
                 if bad >= self.cfg.max_bad_steps:
                     raise self._diverged(name, st, f"{bad} non-finite losses in a row up to step {step + 1} "
-                                         f"(max_bad_steps={self.cfg.max_bad_steps})", unproven)
+                                         f"(max_bad_steps={self.cfg.max_bad_steps}), no checkpoint saved during "
+                                         f"them", unproven)
             else:
                 bad = 0
                 if unproven is not None and acc.is_main_process:  # its weights gave a finite loss: now prune
@@ -335,7 +336,7 @@ class Trainer:
         norm = self._weight_norm()
         if not math.isfinite(norm) or norm > WEIGHT_BLOWUP * max(start_norm, 1.0):
             raise self._diverged(name, st, f"the trainable weights exploded at step {step} (norm {norm:.3g}, "
-                                 f"{start_norm:.3g} at the start of the stage)", None)
+                                 f"{start_norm:.3g} at the start of the stage), not saved", None)
 
     def _diverged(self, name: str, st: StageConfig, what: str, unproven: Optional[str]) -> TrainingError:
         """The divergence error: names the last good checkpoint and the resume line that continues from it with a
@@ -352,7 +353,7 @@ class Trainer:
         else:
             move, first = "", (f"The last good checkpoint is {good[-1]}. " if good else
                                f"{name} has no good checkpoint: it restarts from its beginning. ")
-        return TrainingError(f"{name}: {what}; stopped. Nothing was saved after the last good step. {first}"
+        return TrainingError(f"{name}: {what}; stopped. {first}"
                              f"Continue with a lower learning rate: {move}{fix} (the learning rate is now "
                              f"{st.learning_rate:g}; or check the data).")
 
