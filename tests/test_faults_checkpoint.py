@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, tiny_model_config
+from conftest import tiny_model_config
 from nvembed.cli import train_main
 from nvembed.errors import EXIT_USER_ERROR
 from nvembed.training import checkpoint as ckpt
