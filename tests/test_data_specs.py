@@ -144,9 +144,12 @@ def test_recipes_validate_and_reference_existing_specs(version):
     assert {t for n, t, _ in tasks if n == "stage1"} == {"retrieval"}
     modes = {m for n, t, m in tasks if t in ("classification", "clustering")}
     assert modes == ({"label"} if version == 1 else {"label", "example"})
-    extra = {"hover", "scifact", "nfcorpus", "miracl", "mrtydi"}
+    extra = {"scifact", "miracl", "mrtydi"}
     got = {Path(p).stem for p in s1.datasets}
     assert (extra <= got) == (version == 2)
+    # v2's HoVer and NFCorpus have no usable public copy: excluded with a reason, never silently listed
+    excluded = {Path(x.spec).stem for x in cfg.excluded_datasets}
+    assert ({"hover", "nfcorpus"} <= excluded) == (version == 2) and not excluded & got
 
 
 def test_demo_files_are_training_splits_only():

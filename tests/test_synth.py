@@ -490,7 +490,9 @@ def test_synthetic_specs_train_smoke(fake_server, tmp_path):
     specs = ",".join(str(Path(p).resolve()) for p in stats["specs"])
     cmd = [sys.executable, str(REPO / "train" / "train.py"), "--config-name=smoke", f"output_dir={tmp_path / 'run'}",
            f"stage_defs.stage1.datasets=[{specs}]", "stages=[stage1]", "stage_defs.stage1.max_steps=2",
-           "stage_defs.stage1.save_every=2"]
+           "stage_defs.stage1.save_every=2",
+           # the fake server's retrieval spec holds one example: a bigger batch would repeat it (refused)
+           "stage_defs.stage1.batch_size=1"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(REPO),
                          env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"})
     assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-4000:])
