@@ -176,6 +176,7 @@ def resolve_spec_path(path: str | Path, specs_root: str | Path = "data_specs") -
     candidates = [Path(specs_root) / p]
     if not Path(specs_root).is_absolute():  # also work when launched from outside the repository
         candidates.append(_REPO_ROOT / specs_root / p)
+    candidates.append(Path.cwd() / p)  # a user's own spec beside their data, e.g. runs/own/mined.yaml
     for c in candidates:
         if c.exists():
             return c
