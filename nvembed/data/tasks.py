@@ -1,20 +1,21 @@
 """Task conversions: rows of one spec -> (query, positive, negatives) Examples, following NV-Embed §4.2.
 
 A *unit* is one potential example: a retrieval row, a classification/clustering row, or one side of an STS pair.
-Only unit indices (numpy) and, for labelled tasks, one label code per row live in memory; texts are fetched from
-the Arrow table when a batch asks for them.
+Only numpy arrays live in memory (unit indices and, for labelled tasks, one label code per row); the rows stay in the
+memory-mapped data cache (:mod:`.sources`) and a batch fetches the few it needs.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
+import pyarrow.compute as pc
 
-from .example import Example
 from .corpus import Corpus
-from .sources import normalize, open_source, validate
+from .example import Example
+from .sources import normalize, open_source
 from .spec import DataSpec, SpecError
 
 _TRIES = 20  # rejection-sampling attempts before accepting a duplicate filler
@@ -29,13 +30,11 @@ class TaskData:
         if self.scored:  # examples left without teacher scores because random fillers have none
             self.stats["unscored_examples"] = 0
         self._logged = 0
-        self.source = open_source(spec, self._bad)
-        # rows dropped while parsing a text file are not in the table; count them as read
-        self.stats["rows_read"] = len(self.source) + self.stats["rows_skipped"]
+        # the corpus first: the rows' document ids are checked against it while the rows are read
         self.corpus = Corpus(spec) if spec.source.corpus else None
-        rows = np.asarray(validate(self.source, self._bad), dtype=np.int64)
-        if self.corpus is not None:
-            rows = self._check_ids(rows)
+        self.source = open_source(spec, self._bad, self.corpus)
+        self.stats["rows_read"] = self.source.rows_read  # rows left out while reading count as read
+        rows = np.arange(len(self.source), dtype=np.int64)  # the cache holds the valid rows only
         if spec.max_examples is not None and len(rows) > spec.max_examples:
             # a fixed-seed sample, not the head: sources are often sorted by label
             keep = np.sort(np.random.default_rng(0).choice(len(rows), spec.max_examples, replace=False))
@@ -48,28 +47,15 @@ class TaskData:
             raise SpecError(f"{spec.path}: no usable examples ({self.summary()})")
 
     # -- errors -----------------------------------------------------------------------------------------------
-    def _bad(self, where: str, why: str) -> None:
+    def _bad(self, where: Optional[str], why: str, count: int = 1) -> None:
+        """A row left out: raise (on_error: raise), else count it; ``where`` is None for rows counted in bulk."""
         if self.spec.on_error == "raise":
             raise SpecError(f"{where}: {why} (spec {self.spec.path}; set on_error: skip to skip and count such rows)")
-        self.stats["rows_skipped"] += 1
-        self.stats["skipped"][why] += 1
-        if self._logged < 5:  # every skip is counted; the first few are shown in full
+        self.stats["rows_skipped"] += count
+        self.stats["skipped"][why] += count
+        if where is not None and self._logged < 5:  # every skip is counted; the first few are shown in full
             self.log(f"[data] {self.spec.name}: skipped {where}: {why}")
             self._logged += 1
-
-    def _check_ids(self, rows: np.ndarray) -> np.ndarray:
-        keep = []
-        for start in range(0, len(rows), 10000):
-            chunk = rows[start:start + 10000]
-            for i, r in zip(chunk, self.source.fetch(chunk)):
-                missing = [d for d in r["positive_ids"] + r["negative_ids"] if not self.corpus.has(d)]
-                if missing:
-                    self._bad(f"{self.source.locate(int(i))}: field "
-                              f"'{self.spec.fields.positive_ids or self.spec.fields.negative_ids}'",
-                              f"id {missing[0]!r} not in corpus {self.corpus.path}")
-                else:
-                    keep.append(i)
-        return np.asarray(keep, dtype=np.int64)
 
     def summary(self) -> str:
         s = self.stats
@@ -78,34 +64,38 @@ class TaskData:
         return ", ".join(parts)
 
     # -- units ------------------------------------------------------------------------------------------------
-    def _column(self, rows: np.ndarray, key: str) -> List[Any]:
-        out: List[Any] = []
-        for start in range(0, len(rows), 10000):
-            out.extend(r[key] for r in self.source.fetch(rows[start:start + 10000]))
-        return out
-
     def _build_units(self, rows: np.ndarray) -> np.ndarray:
         task, spec = self.spec.task, self.spec
         if task == "retrieval":
             return rows
         if task == "sts":
-            scores = np.asarray(self._column(rows, "score"), dtype=np.float64)
+            scores = self.source.column("score").to_numpy()[rows]
             ok = rows[scores >= spec.min_score]
             if len(ok) < len(rows):
                 self.stats["filtered"][f"score < {spec.min_score:g}"] += int(len(rows) - len(ok))
             # each kept pair gives two units: (row, side 0) and (row, side 1)
             return (ok[:, None] * 2 + np.arange(2)[None, :]).reshape(-1)
-        labels = self._column(rows, "label")
-        names, codes = np.unique(np.asarray(labels, dtype=object).astype(str), return_inverse=True)
+        # class codes in sorted label order, computed in Arrow: one int per row, no Python object per row
+        labels = self.source.column("label")
+        all_names = pc.unique(labels)
+        all_names = all_names.take(pc.sort_indices(all_names))
+        all_codes = pc.index_in(labels, value_set=all_names).to_numpy(zero_copy_only=False).astype(np.int64)
+        used, codes = np.unique(all_codes[rows], return_inverse=True)
+        codes = codes.reshape(-1)
+        names = all_names.take(used).to_pylist() if len(used) else []
         if len(names) < 2:
             raise SpecError(f"{spec.path}: {task} needs at least 2 classes, found {len(names)}")
-        self.row_codes = dict(zip(rows.tolist(), codes.tolist()))
-        self.code_rows = [rows[codes == c] for c in range(len(names))]
-        label_text_col = self._column(rows, "label_text")
-        texts: Dict[int, str] = {}
-        for c, lt in zip(codes.tolist(), label_text_col):
-            if c not in texts and lt:
-                texts[c] = lt
+        self.row_codes = np.full(len(self.source), -1, dtype=np.int64)
+        self.row_codes[rows] = codes
+        order = np.argsort(codes, kind="stable")  # each class's rows, in row order
+        ends = np.cumsum(np.bincount(codes, minlength=len(names)))
+        self.code_rows = [rows[order[a:b]] for a, b in zip(np.concatenate([[0], ends[:-1]]), ends)]
+        # a class's readable text: the first non-empty label_text of its rows
+        lt = self.source.column("label_text")
+        has_text = pc.fill_null(pc.greater(pc.utf8_length(lt), 0), False).to_numpy(zero_copy_only=False)[rows]
+        first_codes, first_at = np.unique(codes[has_text], return_index=True)
+        firsts = rows[has_text][first_at]
+        texts = dict(zip(first_codes.tolist(), (r["label_text"] for r in self.source.fetch(firsts))))
         self.label_texts = [spec.label_texts.get(n) or texts.get(c) or n.replace("_", " ")
                             for c, n in enumerate(names)]
         # binary tasks always use label texts (NV-Embed §4.2); multi-class follows label_mode
@@ -203,7 +193,7 @@ class TaskData:
         return out
 
     def _labelled(self, rid: int, row: Dict[str, Any], rng: np.random.Generator, n_neg: int):
-        code = self.row_codes[rid]
+        code = int(self.row_codes[rid])
         if self.by_label:
             others = [t for c, t in enumerate(self.label_texts) if c != code]
             take = [others[i] for i in rng.permutation(len(others))[:n_neg]]
