@@ -7,6 +7,11 @@ parameters; for LoRA runs 4 * N is also printed, as frozen weights get no weight
     python scripts/gpu_check.py                      # ~1.1B Llama, full fine-tuning, 96 x 256 tokens per step
     python scripts/gpu_check.py --preset mistral7b   # Mistral-7B shape + LoRA
     python scripts/gpu_check.py --preset tiny        # CPU smoke test of this script
+    accelerate launch --config_file recipes/accelerate/zero3.yaml --num_processes 1 scripts/gpu_check.py --zero 3
+                                                     # the same steps through nvembed's DeepSpeed path (bf16 engine)
+
+``scripts/gpu_check.sh`` runs the prepared set (under 10 minutes on one GPU); ``gpu_check.sh --dry`` runs the same
+commands with the tiny preset on CPU, to check them against the current code without a GPU.
 """
 
 import argparse
@@ -42,7 +47,7 @@ def _stub_omegaconf():
         print("[gpu_check] omegaconf missing: using a stub", flush=True)
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="1b", choices=list(PRESETS))
     ap.add_argument("--batch", type=int, default=32, help="queries per step (each with 1 positive + 1 negative)")
@@ -52,7 +57,13 @@ def main():
     ap.add_argument("--lora", action="store_true", help="LoRA r16 (default for mistral7b); else full fine-tuning")
     ap.add_argument("--grad-ckpt", action="store_true")
     ap.add_argument("--peak-tflops", type=float, default=0, help="override the bf16 dense peak")
-    args = ap.parse_args()
+    ap.add_argument("--zero", type=int, default=0, choices=(0, 2, 3),
+                    help="DeepSpeed ZeRO stage through nvembed's trainer path (bf16 engine on GPU); launch with "
+                         "accelerate launch --config_file recipes/accelerate/zero<N>.yaml --num_processes 1")
+    args = ap.parse_args(argv)
+    if args.zero and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        ap.error(f"--zero {args.zero} runs under "
+                 f"accelerate launch --config_file recipes/accelerate/zero{args.zero}.yaml --num_processes 1")
     _stub_omegaconf()
     import torch
 
@@ -69,13 +80,28 @@ def main():
                       pooling=PoolingConfig(mode="latent_attention", num_latents=512, num_heads=8),
                       lora=LoraConfig(enabled=lora, r=16, alpha=32, dropout=0.0))
     t0 = time.time()
-    emb = build_embedder(cfg, seed=0).to(dev)
-    emb.train()
+    emb = build_embedder(cfg, seed=0)
+    # counted before DeepSpeed partitions the parameters (ZeRO-3 leaves empty tensors on the module)
     n_all = sum(p.numel() for n, p in emb.named_parameters() if "embed_tokens" not in n and "lora_" not in n)
     n_train = sum(p.numel() for p in emb.parameters() if p.requires_grad)
+    if args.zero:  # the trainer's DeepSpeed path: engine built by accelerate, buckets/clipping filled from the stage
+        from nvembed.config import StageConfig
+        from nvembed.training import deepspeed_utils as ds_utils
+        from nvembed.training.trainer import make_accelerator
+
+        acc = make_accelerator("bf16" if cuda else "fp32")  # DeepSpeed bf16: bf16 weights, fp32 master copy
+        st = StageConfig(batch_size=args.batch, learning_rate=1e-5, warmup_steps=0, lr_scheduler="constant")
+        trainer = types.SimpleNamespace(accelerator=acc, embedder=emb, model=emb)
+        opt, sched = ds_utils.prepare_stage(trainer, st, total=args.warmup + args.steps)
+        model, dev = trainer.model, acc.device
+        assert ds_utils.zero_stage(acc) == args.zero, ds_utils.zero_stage(acc)
+    else:
+        emb = model = emb.to(dev)
+        opt = torch.optim.AdamW([p for p in emb.parameters() if p.requires_grad], lr=1e-5, fused=cuda)
+    emb.train()
     print(f"[gpu_check] {args.preset}: {n_all / 1e9:.2f}B non-embedding params, {n_train / 1e6:.1f}M trainable, "
-          f"built in {time.time() - t0:.0f}s on {torch.cuda.get_device_name() if cuda else 'cpu'}", flush=True)
-    opt = torch.optim.AdamW([p for p in emb.parameters() if p.requires_grad], lr=1e-5, fused=cuda)
+          f"{'ZeRO-%d' % args.zero if args.zero else 'no ZeRO'}, built in {time.time() - t0:.0f}s on "
+          f"{torch.cuda.get_device_name() if cuda else 'cpu'}", flush=True)
     loss_fn = InfoNCELoss(0.02, True, False)
     vocab = emb.base_model.config.vocab_size
     B, L = args.batch, args.length
@@ -86,17 +112,25 @@ def main():
         mask = torch.ones(n, L, dtype=torch.long)
         return {"input_ids": ids.to(dev), "attention_mask": mask.to(dev), "pool_mask": mask.to(dev)}
 
-    times = []
+    times, losses = [], []
     for i in range(args.warmup + args.steps):
         q, d = feats(B), feats(2 * B)
         if cuda:
             torch.cuda.synchronize()
         t = time.time()
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
-            out = loss_fn(emb(**q), emb(**d), 2)
-        out.loss.backward()
-        opt.step()
+        if args.zero:  # as Trainer.train_step: the engine clips and steps inside backward
+            with acc.autocast():
+                out = loss_fn(model(**q), model(**d), 2)
+            acc.backward(out.loss)
+            opt.step()
+            sched.step()
+        else:
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                out = loss_fn(model(**q), model(**d), 2)
+            out.loss.backward()
+            opt.step()
         opt.zero_grad(set_to_none=True)
+        losses.append(out.loss.item())
         if cuda:
             torch.cuda.synchronize()
         if i >= args.warmup:
@@ -114,6 +148,8 @@ def main():
         print(f"[gpu_check] MFU (6N): {6 * n_all * tps / peak:.1%}" +
               (f"; (4N, LoRA: no weight grads for frozen weights): {4 * n_all * tps / peak:.1%}" if lora else "")
               + f"  [peak {peak / 1e12:.0f} TFLOP/s bf16 dense, {name}]")
+    return {"tokens_per_s": tps, "step_s": step, "losses": losses, "mfu": 6 * n_all * tps / peak if peak else None,
+            "non_embedding_params": n_all, "trainable_params": n_train}
 
 
 if __name__ == "__main__":
