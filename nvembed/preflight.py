@@ -1,7 +1,9 @@
 """Start-up checks, run before any model loads: every stage's data specs and sources, the eval suites, the run folder.
 
 A launch calls :func:`load_stages`: the first problem raises (one line, exit 2), before the run folder is marked, and
-the data it loaded is what the stages then train on. ``dry_run=true`` (or ``scripts/check_recipe.py``) calls
+the data it loaded is what the stages then train on. Reading is cheap after the first time: each source is parsed and
+checked once into the data cache (``nvembed/data/cache.py``) and later starts, every rank and the dry run map it; a
+stage's data held until its turn is index arrays over memory-mapped files. ``dry_run=true`` (or ``scripts/check_recipe.py``) calls
 :func:`dry_run`: the same checks on every dataset, one table row each, no model loaded and nothing written. Hugging
 Face hub ids are not downloaded by a dry run: their row says ``not checked offline (hf id ...)``.
 """
@@ -93,6 +95,8 @@ class Row:
     status: str
     spec: str
     failed: bool = False
+    cache_built: Optional[bool] = None
+    """True: this check parsed the source into the data cache; False: it mapped an existing entry."""
 
 
 def _check_stage(cfg: RunConfig, name: str, specs_root: str, num_processes: int) -> List[Row]:
@@ -120,6 +124,7 @@ def _check_stage(cfg: RunConfig, name: str, specs_root: str, num_processes: int)
             try:
                 task = TaskData(spec, log=lambda msg: None)
                 row.rows, row.examples = task.stats["rows_read"], task.stats["examples"]
+                row.cache_built = task.source.entry.built
                 if task.stats["rows_skipped"]:
                     row.status = f"ok, {task.stats['rows_skipped']} bad rows skipped (on_error: skip)"
                 check_fits(task, spec.weight / total_weight, stage=name, batch_size=st.batch_size,
@@ -170,8 +175,13 @@ def dry_run(cfg: RunConfig, specs_root: str, out: Callable[[str], None] = print)
     counts = {"ok": sum(r.status.startswith("ok") for r in rows),
               "not checked offline": sum(r.status.startswith("not checked") for r in rows),
               "excluded": sum(r.status.startswith("excluded") for r in rows), "failed": len(problems)}
+    from .data.cache import cache_dir
+
+    built = [r.cache_built for r in rows if r.cache_built is not None]
+    # the parsed sources stay in the data cache: the launch that follows maps them instead of parsing again
     out(f"dry run: model {model}; {len(rows)} dataset rows: "
-        + ", ".join(f"{v} {k}" for k, v in counts.items()) + "; nothing written")
+        + ", ".join(f"{v} {k}" for k, v in counts.items()) + "; nothing written to the run folder; data cache "
+        f"{cache_dir()}: {sum(built)} built, {len(built) - sum(built)} reused")
     if problems:
         raise DryRunError(f"{len(problems)} problem(s) (table above); first: {problems[0]}")
     return rows

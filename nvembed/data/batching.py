@@ -1,5 +1,8 @@
 """Weighted, sharded, resumable batches over several specs.
 
+Each rank builds its own StageData over the same memory-mapped data cache (``nvembed/data/cache.py``): what it holds
+is numpy index arrays, and ``batch(step)`` fetches only the rows of its own slots.
+
 ``batch(step)`` is a pure function of (seed, step): the dataset of every slot in an epoch comes from a per-epoch
 schedule (counts per step, apportioned by weight), and each dataset is read through its own stream of permutations.
 The position of a slot in its dataset's stream is the number of earlier slots of that dataset in the epoch, so any
@@ -196,7 +199,8 @@ def build_stage_data(spec_paths: Sequence[str | Path], *, stage: str = "stage1",
         if any(t.spec.name == spec.name for t in tasks):
             raise SpecError(f"{spec.path}: dataset name {spec.name!r} is used by two specs of stage {stage!r}")
         t = TaskData(spec, log)
-        log(f"[data] {stage} {spec.name} ({spec.task}, weight {spec.weight:g}): {t.summary()}")
+        log(f"[data] {stage} {spec.name} ({spec.task}, weight {spec.weight:g}): {t.summary()}; "
+            f"{t.source.cache_note}")
         tasks.append(t)
     data = StageData(tasks, stage=stage, num_hard_negatives=num_hard_negatives, batch_size=batch_size,
                      batching=batching, seed=seed, process_index=process_index, num_processes=num_processes)
