@@ -80,7 +80,17 @@ def main(argv=None):
                       pooling=PoolingConfig(mode="latent_attention", num_latents=512, num_heads=8),
                       lora=LoraConfig(enabled=lora, r=16, alpha=32, dropout=0.0))
     t0 = time.time()
-    emb = build_embedder(cfg, seed=0)
+    emb = None
+    if cuda and not args.zero:
+        try:  # random init on the GPU: seconds for 7B, where the CPU takes minutes of the device's time
+            with torch.device(dev):
+                emb = build_embedder(cfg, seed=0)
+        except Exception as e:  # noqa: BLE001  the check goes on with the slow path, saying why
+            print(f"[gpu_check] building on the GPU failed ({type(e).__name__}: {e}); building on CPU", flush=True)
+            emb = None
+            torch.cuda.empty_cache()
+    if emb is None:
+        emb = build_embedder(cfg, seed=0)
     # counted before DeepSpeed partitions the parameters (ZeRO-3 leaves empty tensors on the module)
     n_all = sum(p.numel() for n, p in emb.named_parameters() if "embed_tokens" not in n and "lora_" not in n)
     n_train = sum(p.numel() for p in emb.parameters() if p.requires_grad)
