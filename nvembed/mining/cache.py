@@ -1,62 +1,47 @@
-"""Resumable embedding cache.
+"""Resumable embedding cache: one :class:`~nvembed.mining.store.EmbeddingStore` per (model, instruction, texts).
 
-Embeddings are written as ``chunk_{i:06d}.npy`` files (one per ``chunk_size`` texts) in
-``<cache_dir>/<key>/`` where ``key`` hashes the model name, the instruction and every text. An interrupted run
-resumes at the first missing chunk; a changed model, instruction or text list gets a new key (never stale vectors).
-Each chunk is written to a temporary file and renamed, so a crash never leaves a truncated chunk behind.
+``<cache_dir>/<key>/`` where ``key`` hashes the model name, the instruction, the storage dtype and every text. An
+interrupted encode resumes at the first chunk not written; a changed model, instruction or text list gets a new key
+(never stale vectors). See :mod:`nvembed.mining.store` for the layout (a ``.npy`` written chunk by chunk).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
+
+from nvembed.mining.store import encode_to_store
 
 
-def cache_key(model_name: str, texts: Sequence[str], instruction: Optional[str] = None) -> str:
+def cache_key(model_name: str, texts: Sequence[str], instruction: Optional[str] = None,
+              dtype: str = "float32") -> str:
     h = hashlib.sha256()
-    h.update(f"model={model_name}\x00instruction={instruction!r}\x00n={len(texts)}\x00".encode())
+    h.update(f"model={model_name}\x00instruction={instruction!r}\x00n={len(texts)}\x00dtype={dtype}\x00".encode())
     for t in texts:
         h.update(t.encode("utf-8", "surrogatepass"))
         h.update(b"\x00")
     return h.hexdigest()[:24]
 
 
+def store_folder(cache_dir, encoder, texts: Sequence[str], instruction: Optional[str] = None,
+                 dtype: str = "float32") -> Path:
+    """Where the store of ``texts`` encoded by ``encoder`` (with ``instruction``) lives under ``cache_dir``."""
+    name = getattr(encoder, "name", type(encoder).__name__)
+    return Path(cache_dir) / cache_key(name, texts, instruction, np.dtype(dtype).name)
+
+
 def encode_with_cache(encoder, texts: Sequence[str], *, instruction: Optional[str] = None,
                       cache_dir: Optional[str] = None, chunk_size: int = 4096, batch_size: int = 32,
-                      show_progress: bool = False, desc: str = "encode") -> np.ndarray:
-    """Encode ``texts`` with ``encoder`` (a TextEncoder), reading/writing chunks under ``cache_dir`` if given."""
+                      show_progress: bool = False, desc: str = "encode", dtype: str = "float32") -> np.ndarray:
+    """Encode ``texts`` into an in-RAM float32 array, through the resumable store under ``cache_dir`` if given.
+    For corpora that do not fit in RAM use :func:`~nvembed.mining.store.encode_to_store` and search the store."""
     texts = list(texts)
     if cache_dir is None:
         return encoder.encode(texts, instruction=instruction, batch_size=batch_size, show_progress=show_progress)
-    folder = Path(cache_dir) / cache_key(getattr(encoder, "name", type(encoder).__name__), texts, instruction)
-    folder.mkdir(parents=True, exist_ok=True)
-    meta = folder / "meta.json"
-    if not meta.exists():
-        meta.write_text(json.dumps({"model": getattr(encoder, "name", ""), "instruction": instruction,
-                                    "n": len(texts), "chunk_size": chunk_size}))
-    else:
-        chunk_size = int(json.loads(meta.read_text())["chunk_size"])
-    parts = []
-    n_chunks = (len(texts) + chunk_size - 1) // chunk_size
-    for c in tqdm(range(n_chunks), desc=desc, disable=not show_progress):
-        f = folder / f"chunk_{c:06d}.npy"
-        part = texts[c * chunk_size:(c + 1) * chunk_size]
-        if f.exists():
-            arr = np.load(f)
-            if len(arr) == len(part):
-                parts.append(arr)
-                continue
-        arr = np.asarray(encoder.encode(part, instruction=instruction, batch_size=batch_size), dtype=np.float32)
-        tmp = folder / f".chunk_{c:06d}.{os.getpid()}.tmp.npy"
-        np.save(tmp, arr)
-        os.replace(tmp, f)
-        parts.append(arr)
-    if not parts:
-        return np.zeros((0, 0), dtype=np.float32)
-    return np.concatenate(parts, axis=0)
+    store = encode_to_store(encoder, texts, store_folder(cache_dir, encoder, texts, instruction, dtype),
+                            instruction=instruction, dtype=dtype, chunk_size=chunk_size, batch_size=batch_size,
+                            show_progress=show_progress, desc=desc)
+    return store[:] if store is not None else np.zeros((0, 0), dtype=np.float32)

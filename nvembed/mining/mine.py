@@ -1,8 +1,10 @@
 """Hard-negative mining with a teacher encoder and positive-aware rules.
 
-Pipeline: deduplicate the corpus by text (positives are added to it) -> encode corpus and queries (optionally through
-the resumable :mod:`~nvembed.mining.cache`) -> memory-bounded top-k per block of queries
-(:func:`~nvembed.mining.topk.chunked_topk`, or FAISS) -> :func:`~nvembed.mining.rules.select_negatives` per query.
+Pipeline: deduplicate the corpus by text (positives are added to it) -> encode corpus and queries into embedding
+stores on disk (:mod:`~nvembed.mining.store`: written chunk by chunk, resumable, sharded over the ranks of an
+accelerate launch) -> rank 0 searches the corpus store per block of queries (:mod:`~nvembed.mining.index`: streamed
+exact top-k, or a FAISS IVF / IVF-PQ / HNSW index filled chunk by chunk, with its recall@k against exact search
+measured on a sample of queries) -> :func:`~nvembed.mining.rules.select_negatives` per query.
 
 Enough candidates are retrieved for the rank window to survive the removal of positives:
 ``k = range_max + max #positives per query + 1`` (the FAISS path once returned too few candidates with several
@@ -18,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -26,79 +29,147 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from nvembed.data.spec import DataSpec, FieldsSpec, SourceSpec, SpecError, parse_spec, write_spec
-from nvembed.mining.cache import encode_with_cache
+from nvembed.mining.cache import store_folder
+from nvembed.mining.index import SearchConfig, build_index, estimate_recall, search
 from nvembed.mining.rules import MiningRule, select_negatives
-from nvembed.mining.topk import search_topk
+from nvembed.mining.store import StoreError, encode_to_store
+
+
+class Ranks:
+    """This process's place in an accelerate/torchrun launch (rank 0 of 1 when not launched)."""
+
+    def __init__(self):
+        self.rank, self.world, self._state, self.device = 0, 1, None, None
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:
+            import torch
+            from accelerate import PartialState
+
+            # cpu=True when there is no GPU: accelerate then joins the launch with gloo instead of running alone
+            self._state = PartialState(cpu=not torch.cuda.is_available())
+            self.rank, self.world = self._state.process_index, self._state.num_processes
+            self.device = self._state.device
+            if self.world != world:
+                raise RuntimeError(f"WORLD_SIZE={world} but accelerate joined {self.world} process(es)")
+
+    def barrier(self) -> None:
+        if self._state is not None:
+            self._state.wait_for_everyone()
 
 
 def mine_hard_negatives(teacher, queries: Sequence[str], positives: Sequence[Sequence[str]],
                         corpus: Optional[Sequence[str]] = None, *, rule: Optional[MiningRule] = None,
                         instruction: Optional[str] = None, batch_size: int = 32, cache_dir: Optional[str] = None,
-                        use_faiss: bool = False, query_block_size: int = 4096, query_chunk_size: int = 512,
-                        doc_chunk_size: int = 16384, exclude_query_text: bool = True,
-                        show_progress: bool = True, stats: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
+                        search_config: Optional[SearchConfig] = None, use_faiss: bool = False,
+                        store_dtype: str = "float32", encode_chunk_size: int = 4096, query_block_size: int = 4096,
+                        query_chunk_size: Optional[int] = None, doc_chunk_size: Optional[int] = None,
+                        corpus_ids: Optional[Sequence[str]] = None, exclude_query_text: bool = True,
+                        show_progress: bool = True, stats: Optional[Dict[str, Any]] = None,
+                        ranks: Optional[Ranks] = None) -> List[Dict[str, Any]]:
     """Mine hard negatives for each ``queries[i]`` with positives ``positives[i]`` from ``corpus``.
 
     Args:
         teacher: a TextEncoder (queries encoded with ``instruction``, documents without).
         corpus: candidate documents; None = the pool of all positives. Positives are always added to it.
         rule: :class:`MiningRule` (default TopK-PercPos 0.95, ranks [0, 50), 4 negatives, top sampling).
-        cache_dir: folder for the resumable embedding cache (keyed by teacher name + texts).
-        use_faiss: use FAISS IndexFlatIP instead of torch chunked top-k.
-        query_block_size: queries whose top-k is held at once (memory ``block * k``, never ``nq * nd``).
+        cache_dir: folder of the resumable embedding stores (keyed by teacher name + texts); None = a temporary
+            folder removed at the end (one process only: several ranks share the stores through ``cache_dir``).
+        search_config: how to search (:class:`SearchConfig`: exact streamed by default, or a FAISS index).
+        use_faiss: shorthand for ``SearchConfig(index="flat")`` (FAISS IndexFlatIP).
+        store_dtype: ``float32`` or ``float16`` on disk (half the disk and I/O; scores computed in float32).
+        query_block_size: queries searched at once (memory ``block * k``, never ``nq * nd``).
+        corpus_ids: ids of ``corpus`` rows, written beside the corpus embeddings (``ids.txt``).
         exclude_query_text: never select a document whose text equals the query (symmetric/STS-style pools).
-        stats: if a dict is given, it is filled with counts (queries, corpus size, short queries, seconds).
+        stats: if a dict is given, it is filled with counts (queries, corpus size, short queries, recall, seconds).
+        ranks: the launch (default: read from the environment); ranks other than 0 encode their share and return [].
     """
     rule = rule or MiningRule()
+    cfg = dataclasses.replace(search_config or SearchConfig(index="flat" if use_faiss else "exact"))
+    if query_chunk_size:
+        cfg.query_chunk_size = query_chunk_size
+    if doc_chunk_size:
+        cfg.doc_chunk_size = doc_chunk_size
+    ranks = ranks or Ranks()
     if len(queries) != len(positives):
         raise ValueError("queries and positives must have the same length")
     t0 = time.perf_counter()
     texts: List[str] = []
+    ids: List[str] = []
     index: Dict[str, int] = {}
 
-    def add(t: str) -> int:
+    def add(t: str, i: str) -> int:
         if t not in index:
             index[t] = len(texts)
             texts.append(t)
+            ids.append(i)
         return index[t]
 
-    for t in corpus or ():
-        add(t)
-    pos_ids = [[add(p) for p in dict.fromkeys(ps)] for ps in positives]
+    for n, t in enumerate(corpus or ()):
+        add(t, str(corpus_ids[n]) if corpus_ids is not None else str(n))
+    pos_ids = [[add(p, f"q{qi}-pos{j}") for j, p in enumerate(dict.fromkeys(ps))] for qi, ps in enumerate(positives)]
     if any(not p for p in pos_ids) and rule.rule in ("topk_percpos", "topk_marginpos"):
         raise ValueError(f"{rule.rule} needs at least one positive per query")
+    if not queries:
+        return []
+    if not texts:
+        raise ValueError("no documents to mine from: give a corpus or positives")
+    if cache_dir is None and ranks.world > 1:
+        raise StoreError("several processes share the embeddings through a folder: pass a cache folder (--cache)")
+    with tempfile.TemporaryDirectory(prefix="nvembed-mine-") as tmp:
+        root = cache_dir if cache_dir is not None else tmp
+        common = dict(dtype=store_dtype, chunk_size=encode_chunk_size, batch_size=batch_size, rank=ranks.rank,
+                      world=ranks.world, barrier=ranks.barrier, show_progress=show_progress)
+        d_store = encode_to_store(teacher, texts, store_folder(root, teacher, texts, None, store_dtype),
+                                  ids=ids, desc="encode corpus", **common)
+        q_store = encode_to_store(teacher, list(queries), store_folder(root, teacher, queries, instruction,
+                                                                        store_dtype),
+                                  instruction=instruction, desc="encode queries", **common)
+        if ranks.rank != 0:
+            return []
+        t_search = time.perf_counter()
+        records, run_stats = _search_and_select(queries, texts, index, pos_ids, d_store, q_store, rule, cfg,
+                                                query_block_size, exclude_query_text, show_progress)
+    if stats is not None:
+        stats.update({"num_queries": len(queries), "corpus_size": len(texts), **run_stats,
+                      "search_seconds": round(time.perf_counter() - t_search, 2),
+                      "seconds": round(time.perf_counter() - t0, 2)})
+    return records
 
-    d_emb = encode_with_cache(teacher, texts, instruction=None, cache_dir=cache_dir, batch_size=batch_size,
-                              show_progress=show_progress, desc="encode corpus")
-    q_emb = encode_with_cache(teacher, list(queries), instruction=instruction, cache_dir=cache_dir,
-                              batch_size=batch_size, show_progress=show_progress, desc="encode queries")
+
+def _search_and_select(queries, texts, index, pos_ids, d_store, q_store, rule, cfg, query_block_size,
+                       exclude_query_text, show_progress):
     max_pos = max((len(p) for p in pos_ids), default=0)
     extra = 1 if exclude_query_text else 0
     k = len(texts) if rule.range_max is None else min(len(texts), rule.range_max + max_pos + extra)
-
+    ann = build_index(d_store, cfg)
+    run_stats: Dict[str, Any] = {"k_retrieved": k}
+    if cfg.approximate:
+        run_stats["recall"] = estimate_recall(ann, q_store, d_store, k, cfg)
     records: List[Dict[str, Any]] = []
     n_short = 0
     blocks = range(0, len(queries), query_block_size)
     for b in tqdm(blocks, desc="mine", disable=not show_progress, total=len(blocks)):
-        qb = q_emb[b:b + query_block_size]
-        scores, idx = search_topk(qb, d_emb, k, use_faiss=use_faiss, query_chunk_size=query_chunk_size,
-                                  doc_chunk_size=doc_chunk_size)
+        qb = q_store[b:b + query_block_size]
+        scores, idx = search(qb, d_store, k, cfg, ann)
+        flat_pos = [p for pids in pos_ids[b:b + len(qb)] for p in pids]
+        pos_rows = d_store.take(flat_pos)
+        at = 0
         for j in range(len(qb)):
             qi = b + j
             pids = pos_ids[qi]
-            pscores = [float(np.dot(q_emb[qi], d_emb[p])) for p in pids]
+            pscores = [float(s) for s in pos_rows[at:at + len(pids)] @ qb[j]]
+            at += len(pids)
             excl = [index[queries[qi]]] if exclude_query_text and queries[qi] in index else []
-            neg_ids, neg_scores = select_negatives(idx[j], scores[j], pids, pscores, rule, query_index=qi,
-                                                   excluded_ids=excl)
+            found = idx[j] >= 0  # an approximate index may return fewer than k
+            neg_ids, neg_scores = select_negatives(idx[j][found], scores[j][found], pids, pscores, rule,
+                                                   query_index=qi, excluded_ids=excl)
             n_short += len(neg_ids) < rule.num_negatives
             records.append({"query": queries[qi], "positives": [texts[p] for p in pids],
                             "negatives": [texts[n] for n in neg_ids],
                             "negative_scores": [round(s, 6) for s in neg_scores],
                             "positive_scores": [round(s, 6) for s in pscores]})
-    if stats is not None:
-        stats.update({"num_queries": len(queries), "corpus_size": len(texts), "k_retrieved": k,
-                      "queries_with_fewer_negatives": n_short, "seconds": round(time.perf_counter() - t0, 2)})
-    return records
+    run_stats["queries_with_fewer_negatives"] = n_short
+    return records, run_stats
 
 
 # ----------------------------------------------------------------------------------------------- file helpers
@@ -141,18 +212,25 @@ def read_pairs(path) -> List[Dict[str, Any]]:
     return list(groups.values())
 
 
-def read_corpus(path) -> List[str]:
-    """Corpus texts from ``.txt`` (one per line) or JSONL (``text`` with optional ``title``, BEIR-style)."""
+def read_corpus(path, with_ids: bool = False):
+    """Corpus texts from ``.txt`` (one per line) or JSONL (``text`` with optional ``title``, BEIR-style).
+    ``with_ids``: ``(texts, ids)``, ids from ``_id`` / ``id`` (JSONL) or the line number."""
     path = Path(path)
+    texts, ids = [], []
     if path.suffix == ".txt":
         if not path.is_file():
             raise SpecError(f"{path}: file not found")
-        return [l.rstrip("\n") for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
-    out = []
-    for n, r in _jsonl(path):
-        t = r.get("text", "")
-        out.append(f"{r['title']}. {t}" if r.get("title") else t)
-    return out
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    texts.append(line.rstrip("\n"))
+                    ids.append(str(n))
+    else:
+        for n, r in _jsonl(path):
+            t = r.get("text", "")
+            texts.append(f"{r['title']}. {t}" if r.get("title") else t)
+            ids.append(str(r.get("_id", r.get("id", n))))
+    return (texts, ids) if with_ids else texts
 
 
 MINED_FIELDS = FieldsSpec(query="query", positive="positives", negatives="negatives",
@@ -205,10 +283,15 @@ def mine_file(teacher, input_path, out_path, *, corpus_path=None, rule: Optional
     spec = mined_spec(out_path, spec_path, name=name, instruction=spec_instruction or instruction, stages=stages,
                       description=description)
     rows = read_pairs(input_path)
-    corpus = read_corpus(corpus_path) if corpus_path else None
+    corpus, corpus_ids = read_corpus(corpus_path, with_ids=True) if corpus_path else (None, None)
     stats: Dict[str, Any] = {}
+    ranks = kw.pop("ranks", None) or Ranks()
+    cfg = kw.pop("search_config", None) or SearchConfig(index="flat" if kw.pop("use_faiss", False) else "exact")
     recs = mine_hard_negatives(teacher, [r["query"] for r in rows], [r["positives"] for r in rows], corpus,
-                               rule=rule, instruction=instruction, stats=stats, **kw)
+                               rule=rule, instruction=instruction, stats=stats, corpus_ids=corpus_ids,
+                               search_config=cfg, ranks=ranks, **kw)
+    if ranks.rank != 0:  # the other ranks encoded their share; rank 0 searched and writes
+        return stats
     for rec, row in zip(recs, rows):
         for k, v in row.items():
             rec.setdefault(k, v)
@@ -217,7 +300,9 @@ def mine_file(teacher, input_path, out_path, *, corpus_path=None, rule: Optional
     spec.provenance = {"tool": "nvembed.mining", "teacher": getattr(teacher, "name", ""),
                        "teacher_instruction": used, **rule.to_dict(), "input": str(input_path),
                        "corpus": str(corpus_path) if corpus_path else "positives pool",
-                       "faiss": bool(kw.get("use_faiss")), "positive_reference": "min positive score",
-                       **{k: v for k, v in stats.items() if k != "seconds"}, **(provenance or {})}
+                       **cfg.to_dict(), "store_dtype": kw.get("store_dtype", "float32"),
+                       "positive_reference": "min positive score",
+                       **{k: v for k, v in stats.items() if k not in ("seconds", "search_seconds", "recall")},
+                       **(provenance or {})}
     stats["spec"] = str(write_mined(recs, out_path, spec, spec_path, comment=comment))
     return stats
