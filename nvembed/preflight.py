@@ -1,11 +1,12 @@
 """Start-up checks, run before any model loads: every stage's data specs and sources, the eval suites, the run folder.
 
 A launch calls :func:`load_stages`: the first problem raises (one line, exit 2), before the run folder is marked, and
-the data it loaded is what the stages then train on. Reading is cheap after the first time: each source is parsed and
-checked once into the data cache (``nvembed/data/cache.py``) and later starts, every rank and the dry run map it; a
-stage's data held until its turn is index arrays over memory-mapped files. ``dry_run=true`` (or ``scripts/check_recipe.py``) calls
-:func:`dry_run`: the same checks on every dataset, one table row each, no model loaded and nothing written. Hugging
-Face hub ids are not downloaded by a dry run: their row says ``not checked offline (hf id ...)``.
+the data it loaded is what the stages then train on. ``dry_run=true`` (or ``scripts/check_recipe.py``) calls
+:func:`dry_run`: the same checks on every dataset, one table row each, no model loaded and nothing written to the run
+folder. Hugging Face hub ids are not downloaded by a dry run: their row says ``not checked offline (hf id ...)``.
+Reading is cheap after the first time: each source is parsed and checked once into the data cache
+(``nvembed/data/cache.py``), which later starts, every rank and the dry run map; a stage's data held until its turn
+is index arrays over memory-mapped files.
 """
 
 from __future__ import annotations

@@ -57,13 +57,16 @@ def test_cache_built_once_reused_and_rebuilt_when_the_file_changes(data):
     again = TaskData(load_spec(spec), **QUIET)
     assert not again.source.entry.built and again.source.fetch([0])[0]["query"] == q0
     assert again.source.entry.key == first.source.entry.key
-    # a real edit (new mtime, one more row) is a new entry; the stale one is removed
+    # a real edit (new mtime, one more row) is a new entry; the stale one is removed, and so is what a killed build
+    # left (its temporary file, its lock free)
+    killed = cache_dir() / f".{'0' * 32}.rows.arrow.tmp-99999"
+    killed.write_bytes(b"partial")
     with open(path, "a", encoding="utf-8") as f:
         f.write(line(ROWS))
     changed = TaskData(load_spec(spec), **QUIET)
     assert changed.source.entry.built and len(changed.source) == ROWS + 1
     assert changed.source.fetch([0])[0]["query"].startswith("QUESTION")
-    assert entries() == [f"{changed.source.entry.key}.json"]
+    assert entries() == [f"{changed.source.entry.key}.json"] and not killed.exists()
 
 
 @pytest.mark.parametrize("workers", ["1", "2"], ids=["in-process", "2-workers"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import mmap
 import os
 import time
 from pathlib import Path
@@ -58,11 +59,19 @@ class Table:
     """An Arrow IPC file, memory-mapped: opening reads only its footer, and rows are fetched by index one slice each
     (pyarrow's ``Table.take`` would first concatenate every chunk of a column into memory)."""
 
+    DROP_EVERY = 512
+    """Rows fetched between two releases of the mapped pages. A random row touches a page of every column buffer
+    and the kernel maps up to 64 KB around each, so without releases an epoch of random reads would map (and count
+    in RSS) the whole file; released pages stay in the page cache, a later touch maps them again without I/O."""
+
     def __init__(self, path: Path):
-        reader = pa.ipc.open_file(pa.memory_map(str(path)))
+        with open(path, "rb") as f:
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # shared, read-only
+        reader = pa.ipc.open_file(pa.BufferReader(pa.py_buffer(self._mm)))  # zero-copy: batches point into it
         self.schema = reader.schema
         self.batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
         self.offsets = np.cumsum([0] + [b.num_rows for b in self.batches])
+        self._fetched = 0
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -79,7 +88,12 @@ class Table:
         for b, i in zip(which.tolist(), idxs.tolist()):
             batch = self.batches[b]
             parts.append((batch.select(list(columns)) if columns is not None else batch).slice(i - self.offsets[b], 1))
-        return pa.Table.from_batches(parts).to_pylist()
+        out = pa.Table.from_batches(parts).to_pylist()  # Python copies: nothing refers to the mapping any more
+        self._fetched += len(idxs)
+        if self._fetched >= self.DROP_EVERY:
+            self._mm.madvise(mmap.MADV_DONTNEED)  # a file mapping: pages are unmapped from this process, not lost
+            self._fetched = 0
+        return out
 
     def column(self, name: str) -> pa.ChunkedArray:
         return pa.chunked_array([b.column(name) for b in self.batches], type=self.schema.field(name).type)
@@ -179,8 +193,18 @@ def cached(identity: Dict[str, Any], files: Sequence[Path], build: Callable[[Bui
 
 
 def _prune(folder: Path, keep: str) -> None:
-    """Remove entries whose source files changed or vanished (a test's temporary files, an edited data file); an
-    entry another process holds locked is left alone."""
+    """Remove entries whose source files changed or vanished (a test's temporary files, an edited data file) and the
+    temporary files of builds that were killed; an entry another process holds locked is left alone."""
+    for tmp in folder.glob(".*.tmp-*"):
+        key = tmp.name.split(".")[1]
+        if key == keep:
+            continue
+        try:
+            with open(folder / f"{key}.lock", "a+") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: no build of that entry is running
+                tmp.unlink(missing_ok=True)
+        except OSError:
+            continue
     for meta_path in folder.glob("*.json"):
         key = meta_path.stem
         if key == keep:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .cache import Entry, Table, cached, file_state
+from .cache import Entry, Table, cached
 from .spec import DataSpec, SpecError
 
 BLOCK = 8 << 20  # bytes decoded at a time
