@@ -269,7 +269,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _sbatch(tmp_path, out, *, record=False, timeout=300):
+def _sbatch(tmp_path, out, *extra, record=False, timeout=300):
     """Run recipes/slurm/train.sbatch as Slurm would on 2 nodes x 1 process, both "nodes" being this machine."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
@@ -285,7 +285,7 @@ def _sbatch(tmp_path, out, *, record=False, timeout=300):
                OMP_NUM_THREADS="1")
     if record:
         env["FAKE_SRUN_RECORD"] = "1"
-    overrides = [a for a in SMOKE if "=" in a and not a.startswith("--")]
+    overrides = [a for a in SMOKE if "=" in a and not a.startswith("--")] + list(extra)
     proc = subprocess.Popen(["bash", "recipes/slurm/train.sbatch", "smoke", str(out), *overrides], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -311,7 +311,8 @@ def test_zero3_two_nodes_via_slurm_script_matches_one_node(zero3_run, tmp_path):
     again on the finished folder, as a requeued job would be, the script adds resume=true."""
     pytest.importorskip("deepspeed")
     out = tmp_path / "run"
-    log, args, nodes = _sbatch(tmp_path, out)
+    # evaluation off (7 s here; it does not touch training: the stages reseed): ZeRO-3 evaluation is checked above
+    log, args, nodes = _sbatch(tmp_path, out, "eval.enabled=false")
     assert "nodes=2 processes_per_node=1" in log, log
     assert args[args.index("--num_machines") + 1] == "2" and args[args.index("--num_processes") + 1] == "2", args
     assert "resume=true" not in args
@@ -321,7 +322,7 @@ def test_zero3_two_nodes_via_slurm_script_matches_one_node(zero3_run, tmp_path):
     assert {p.name for p in ds.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
     assert len(list(ds.glob("pytorch_model/zero_pp_rank_[01]_mp_rank_00_optim_states.pt"))) == 2
 
-    log, args, _ = _sbatch(tmp_path, out, record=True)
+    log, args, _ = _sbatch(tmp_path, out, "eval.enabled=false", record=True)
     assert "resuming it" in log and "resume=true" in args and f"output_dir={out}" in args, (log, args)
 
 
