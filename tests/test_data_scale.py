@@ -139,3 +139,14 @@ def test_a_rank_holds_no_row_and_reads_only_its_batches(data):
     for r in range(2):
         assert len(fetched[r]) == steps * 8 and len(set(seen[r])) == steps * 8  # its own examples, nothing else
     assert not set(seen[0]) & set(seen[1])
+
+
+def test_unwritable_cache_folder_is_one_user_error(data, monkeypatch, tmp_path):
+    from nvembed.data.cache import CacheError
+
+    _, spec = data
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("NVEMBED_DATA_CACHE", str(tmp_path / "a_file" / "cache"))
+    with pytest.raises(CacheError, match=r"a_file/cache .*set NVEMBED_DATA_CACHE to a writable folder") as e:
+        build_stage_data([str(spec)], **QUIET)
+    assert e.value.kind == "data cache"
