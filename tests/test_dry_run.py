@@ -11,19 +11,10 @@ import sys
 import datasets
 import yaml
 
-from conftest import REPO
-from nvembed.cli import train_main
+from conftest import REPO, launch
+
 
 SPECS = os.path.join(REPO, "data_specs")
-
-
-def launch(capsys, *argv):
-    try:
-        code = train_main(list(argv))
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def table(out):

@@ -10,21 +10,11 @@ import typing
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import REPO
+from conftest import REPO, launch
 from nvembed import config as C
-from nvembed.cli import HYDRA_QUIET, train_main
+from nvembed.cli import HYDRA_QUIET
 
 QUIET = ["logging.progress_bar=false", "export_final=false"]
-
-
-def launch(capsys, *argv):
-    """``train.py ARGV`` in this process: (exit code, stdout, stderr)."""
-    try:
-        code = train_main(list(argv))
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def snapshot(folder):

