@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 
@@ -7,6 +8,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the data cache of this test session, not the user's ~/.cache (subprocesses inherit it)
+os.environ.setdefault("NVEMBED_DATA_CACHE", tempfile.mkdtemp(prefix="nvembed-test-data-cache-"))
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_TOKENIZER = os.path.join(REPO, "recipes", "assets", "tiny-tokenizer")
