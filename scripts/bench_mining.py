@@ -1,31 +1,51 @@
 #!/usr/bin/env python
-"""Benchmark memory of chunked top-k against the full score matrix it avoids (not a test).
+"""Mining search benchmarks (not a test). Three modes:
 
-Synthetic corpus of random unit vectors (default 200k x 384, float32), a block of queries, top-k with
-``nvembed.mining.topk.chunked_topk``. Reports wall time, peak RSS of the process (``resource.getrusage``), the RSS
-growth during the search, and the bytes a full ``queries x corpus`` float32 matrix would take (for the same queries
-and for queries = corpus, the usual mining setting). ``--faiss`` also times FAISS IndexFlatIP and checks agreement.
+``--scale``: a corpus store on disk of ``--docs`` clustered synthetic unit vectors (``--fp16``: float16 on disk),
+written chunk by chunk through ``nvembed.mining.store`` (the miner's own format), then each ``--methods`` entry
+(exact streamed, ivf, ivfpq, hnsw, flat) runs in its own process so each peak RSS is its own: build time, search
+time, peak RSS (``ru_maxrss``) and recall@k / @10 / @1 against the exact streamed search. The corpus never lives in
+RAM: peak RSS = the process (torch + faiss) + the index + one chunk.
 
-    python scripts/bench_mining.py [--docs 200000] [--queries 2000] [--dim 384] [--k 100]
+    python scripts/bench_mining.py --scale --docs 1000000 --dim 256 --fp16 --queries 2000 --k 100 --work /tmp/bm
+
+Vectors: ``--clusters`` random unit centres, each point a centre plus Gaussian noise of norm ``--noise``,
+re-normalised; queries drawn the same way (so near neighbours are real and recall is meaningful).
+
+``--prepare-text DIR``: writes ``DIR/pairs.jsonl`` and ``DIR/corpus.jsonl`` from every text collection in the
+repository and ``/work/shared/data`` (the largest real corpus at hand) for a real-text run of
+``scripts/mine_hard_negatives.py`` (commands in docs/benchmarks.md).
+
+Default (no mode flag): the memory of chunked top-k against the full score matrix it avoids, on random vectors
+held in RAM (``--docs 200000 --dim 384``); ``--faiss`` also times FAISS IndexFlatIP.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import os
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 
 def rss_mb() -> float:
-    # ru_maxrss is KiB on Linux: the peak resident set size so far.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set size of this process so far (VmHWM: ru_maxrss would carry the parent's peak from
+    before fork+exec into a child)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def current_rss_mb() -> float:
@@ -36,17 +56,191 @@ def current_rss_mb() -> float:
         return float("nan")
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--docs", type=int, default=200_000)
-    ap.add_argument("--queries", type=int, default=2000)
-    ap.add_argument("--dim", type=int, default=384)
-    ap.add_argument("--k", type=int, default=100)
-    ap.add_argument("--query-chunk-size", type=int, default=512)
-    ap.add_argument("--doc-chunk-size", type=int, default=16384)
-    ap.add_argument("--faiss", action="store_true")
-    a = ap.parse_args(argv)
+# ------------------------------------------------------------------------------------------------ --scale
 
+
+def _clustered(rng, centres, n, noise):
+    x = centres[rng.integers(0, len(centres), n)]
+    x = x + rng.standard_normal(x.shape, dtype=np.float32) * (noise / np.sqrt(x.shape[1]))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def make_data(a) -> Path:
+    """The corpus store and queries under ``--work`` (reused when already complete)."""
+    from nvembed.mining.store import EmbeddingStore
+
+    work = Path(a.work)
+    folder = work / f"corpus-{a.docs}x{a.dim}-{'fp16' if a.fp16 else 'fp32'}-c{a.clusters}-n{a.noise}"
+    if (folder / "meta.json").is_file() and EmbeddingStore(folder).complete():
+        return folder
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((a.clusters, a.dim), dtype=np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    store = EmbeddingStore.create(folder, n=a.docs, dim=a.dim, dtype="float16" if a.fp16 else "float32",
+                                  chunk_size=65536, meta={"model": "synthetic"})
+    for c in range(store.n_chunks):
+        lo, hi = store.chunk_rows(c)
+        store.write_chunk(c, _clustered(np.random.default_rng([1, c]), centres, hi - lo, a.noise))
+    np.save(folder / "queries.npy", _clustered(np.random.default_rng(2), centres, a.queries, a.noise))
+    return folder
+
+
+def _index_mb(index, store) -> float:
+    """What the index holds: vectors/codes + ids (+ HNSW links), from FAISS's own sizes."""
+    if index is None:
+        return 0.0
+    import faiss
+
+    n = index.ntotal
+    if isinstance(index, faiss.IndexHNSWFlat):
+        return (n * store.dim * 4 + index.hnsw.neighbors.size() * 4) / 2**20
+    if isinstance(index, faiss.IndexIVFPQ):
+        return n * (index.pq.code_size + 8) / 2**20
+    return n * (store.dim * 4 + (8 if isinstance(index, faiss.IndexIVF) else 0)) / 2**20
+
+
+def run_one(a) -> int:
+    """Child process: one method over the store, searched once per ``--nprobe`` / ``--ef-search`` value (the
+    index is built once); prints a JSON line per search and saves its ids."""
+    import dataclasses
+
+    import torch
+
+    from nvembed.mining.index import SearchConfig, build_index, search
+    from nvembed.mining.store import EmbeddingStore
+
+    store = EmbeddingStore(a.store)
+    queries = np.load(Path(a.store) / "queries.npy")
+    nprobes, efs = [int(v) for v in a.nprobe.split(",")], [int(v) for v in a.ef_search.split(",")]
+    cfg = SearchConfig(index=a.one, nlist=a.nlist, nprobe=max(nprobes), pq_m=a.pq_m, hnsw_m=a.hnsw_m,
+                       ef_construction=a.ef_construction, ef_search=efs[0], doc_chunk_size=a.doc_chunk_size,
+                       add_chunk_size=a.doc_chunk_size)
+    base = rss_mb()
+    t = time.perf_counter()
+    index = build_index(store, cfg)
+    build_s = time.perf_counter() - t
+    sweep = [dataclasses.replace(cfg, nprobe=p) for p in nprobes] if a.one in ("ivf", "ivfpq") else \
+        [dataclasses.replace(cfg, ef_search=e) for e in efs] if a.one == "hnsw" else [cfg]
+    for c in sweep:
+        if a.one in ("ivf", "ivfpq"):
+            index.nprobe = c.nprobe
+        t = time.perf_counter()
+        _, ids = search(queries, store, a.k, c, index)
+        search_s = time.perf_counter() - t
+        now = current_rss_mb()
+        tag = "-".join(f"{k}{v}" for k, v in c.to_dict().items() if k != "index")
+        np.save(Path(a.store) / f"ids-{a.one}{'-' + tag if tag else ''}.npy", ids)
+        print(json.dumps({"method": a.one, "ids": f"ids-{a.one}{'-' + tag if tag else ''}.npy", **c.to_dict(),
+                          "build_s": round(build_s, 1), "search_s": round(search_s, 1),
+                          "qps": round(len(queries) / search_s, 1), "peak_rss_after_imports_mb": round(base),
+                          "rss_after_search_mb": round(now), "index_bytes_mb": round(_index_mb(index, store)),
+                          "peak_rss_mb": round(rss_mb()), "threads": torch.get_num_threads()}), flush=True)
+    return 0
+
+
+def scale(a) -> int:
+    from nvembed.mining.index import recall_at_k
+
+    t = time.perf_counter()
+    folder = make_data(a)
+    gen_s = time.perf_counter() - t
+    disk = (folder / "embeddings.npy").stat().st_size
+    print(json.dumps({"docs": a.docs, "dim": a.dim, "queries": a.queries, "k": a.k, "store": str(folder),
+                      "store_mb": round(disk / 2**20), "corpus_fp32_mb": round(a.docs * a.dim * 4 / 2**20),
+                      "generate_s": round(gen_s, 1)}), flush=True)
+    rows = []
+    methods = a.methods.split(",")
+    if "exact" in methods:
+        methods = ["exact"] + [m for m in methods if m != "exact"]
+    for m in methods:
+        cmd = [sys.executable, __file__, "--one", m, "--store", str(folder), "--k", str(a.k),
+               "--nprobe", a.nprobe, "--pq-m", str(a.pq_m), "--hnsw-m", str(a.hnsw_m),
+               "--ef-construction", str(a.ef_construction), "--ef-search", a.ef_search,
+               "--doc-chunk-size", str(a.doc_chunk_size)] + (["--nlist", str(a.nlist)] if a.nlist else [])
+        t = time.perf_counter()
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            print(out.stderr[-3000:], file=sys.stderr)
+            return out.returncode
+        wall = round(time.perf_counter() - t, 1)
+        for line in out.stdout.splitlines():
+            if not line.startswith("{"):
+                continue
+            row = json.loads(line)
+            row["process_wall_s"] = wall
+            if m != "exact" and (folder / "ids-exact.npy").is_file():
+                ex, ap = np.load(folder / "ids-exact.npy"), np.load(folder / row["ids"])
+                row.update({f"recall@{a.k}": round(recall_at_k(ap, ex), 4),
+                            "recall@10": round(recall_at_k(ap, ex, 10), 4),
+                            "recall@1": round(recall_at_k(ap, ex, 1), 4)})
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ --prepare-text
+
+SHARED = Path("/work/shared/data")
+
+
+def _jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def prepare_text(out: Path) -> int:
+    """Pairs (QNLI train + dev entailed sentences, MedQuAD) and a corpus of every text at hand, deduplicated."""
+    files = REPO / "data_specs" / "demo" / "files"
+    pairs, corpus = [], {}
+
+    def doc(t):
+        t = (t or "").strip()
+        if t:
+            corpus.setdefault(t, None)
+
+    for r in _jsonl(files / "qnli_train.jsonl"):
+        pairs.append({"query": r["question"], "positives": r["positives"]})
+        for t in r["positives"] + r.get("negatives", []):
+            doc(t)
+    answers = {r["id"]: r["text"] for r in _jsonl(files / "medquad_corpus.jsonl")}
+    for t in answers.values():
+        doc(t)
+    for r in _jsonl(files / "medquad_train.jsonl"):
+        if r.get("question") and r.get("answer_id") in answers:
+            pairs.append({"query": r["question"], "positives": [answers[r["answer_id"]]]})
+    dev = SHARED / "qnli-dev" / "dev.tsv"
+    if dev.is_file():
+        with open(dev, encoding="utf-8") as f:
+            for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
+                doc(r.get("sentence"))
+                if r.get("label") == "entailment" and r.get("question") and r.get("sentence"):
+                    pairs.append({"query": r["question"], "positives": [r["sentence"]]})
+    for name in ("stsb_train", "banking77_train", "trec_train"):
+        for r in _jsonl(files / f"{name}.jsonl"):
+            for key in ("text1", "text2", "text"):
+                doc(r.get(key))
+    for beir in sorted((REPO / "data_specs" / "eval" / "beir").glob("*/corpus.jsonl")):
+        for r in _jsonl(beir):
+            doc(f"{r['title']}. {r['text']}" if r.get("title") else r.get("text"))
+    news = SHARED / "ag-news" / "test.csv"
+    if news.is_file():
+        with open(news, encoding="utf-8") as f:
+            for row in csv.reader(f):
+                if len(row) >= 3 and row[0] != "label":
+                    doc(f"{row[1]}. {row[2]}")
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "pairs.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
+    with open(out / "corpus.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"_id": f"d{i}", "text": t}, ensure_ascii=False) + "\n" for i, t in enumerate(corpus))
+    print(json.dumps({"pairs": len(pairs), "corpus": len(corpus), "dir": str(out)}))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ default mode
+
+
+def chunked(a) -> int:
     import torch
 
     from nvembed.mining.topk import chunked_topk, faiss_topk
@@ -83,6 +277,42 @@ def main(argv=None) -> int:
         out["peak_rss_after_faiss_mb"] = round(rss_mb(), 1)
     print(json.dumps(out, indent=1))
     return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", action="store_true", help="store on disk + exact/ivf/ivfpq/hnsw, one process each")
+    ap.add_argument("--prepare-text", default=None, metavar="DIR", help="write pairs/corpus for a real-text run")
+    ap.add_argument("--docs", type=int, default=None, help="default 1000000 with --scale, else 200000")
+    ap.add_argument("--queries", type=int, default=2000)
+    ap.add_argument("--dim", type=int, default=None, help="default 256 with --scale, else 384")
+    ap.add_argument("--k", type=int, default=100)
+    ap.add_argument("--fp16", action="store_true", help="--scale: float16 on disk")
+    ap.add_argument("--clusters", type=int, default=2000)
+    ap.add_argument("--noise", type=float, default=0.7, help="norm of the noise added to a unit cluster centre")
+    ap.add_argument("--methods", default="exact,ivf,ivfpq,hnsw")
+    ap.add_argument("--work", default="/tmp/nvembed-bench-mining")
+    ap.add_argument("--nlist", type=int, default=None)
+    ap.add_argument("--nprobe", default="32", help="IVF lists probed; a comma list searches the index once each")
+    ap.add_argument("--pq-m", type=int, default=32)
+    ap.add_argument("--hnsw-m", type=int, default=32)
+    ap.add_argument("--ef-construction", type=int, default=80)
+    ap.add_argument("--ef-search", default="128", help="HNSW beam; a comma list searches the index once each")
+    ap.add_argument("--query-chunk-size", type=int, default=512)
+    ap.add_argument("--doc-chunk-size", type=int, default=None, help="default 65536 with --scale, else 16384")
+    ap.add_argument("--faiss", action="store_true")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process of --scale
+    ap.add_argument("--store", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    big = a.scale or a.one
+    a.docs = a.docs or (1_000_000 if big else 200_000)
+    a.dim = a.dim or (256 if big else 384)
+    a.doc_chunk_size = a.doc_chunk_size or (65536 if big else 16384)
+    if a.one:
+        return run_one(a)
+    if a.prepare_text:
+        return prepare_text(Path(a.prepare_text))
+    return scale(a) if a.scale else chunked(a)
 
 
 if __name__ == "__main__":

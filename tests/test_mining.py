@@ -191,3 +191,30 @@ def test_mining_cli_errors_keep_earlier_output(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.startswith("nvembed: data error: ") and f"bad.jsonl:11: not a JSON line" in err
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_mining_cli_approximate_index_reports_recall(tmp_path, capsys, monkeypatch):
+    """--index hnsw --fp16 through the CLI: recall vs exact printed, index settings in the spec, the same negatives
+    as exact search on this small corpus (HNSW finds every neighbour of 41 points)."""
+    inp, corp, mod = _cli_inputs(tmp_path, monkeypatch)
+    base = ["--teacher", "dummy", "--input", str(inp), "--corpus", str(corp), "--range", "0", "10", "--rule", "topk",
+            "--num-negatives", "3", "--fp16", "--cache", str(tmp_path / "cache")]
+    assert mod.main(base + ["--out", str(tmp_path / "exact.jsonl")]) == 0
+    exact = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "recall" not in exact  # exact search has nothing to measure
+    assert mod.main(base + ["--out", str(tmp_path / "hnsw.jsonl"), "--index", "hnsw", "--hnsw-m", "8",
+                            "--recall-sample", "5"]) == 0
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert stats["recall"]["recall_sample"] == 5 and stats["recall"][f"recall@{stats['k_retrieved']}"] == 1.0
+    prov = load_spec(tmp_path / "hnsw.yaml").provenance
+    assert prov["index"] == "hnsw" and prov["hnsw_m"] == 8 and prov["store_dtype"] == "float16"
+    # the same negatives up to ties (bag-of-words vectors: documents of a topic score alike)
+    rows = lambda n: [json.loads(l)["negative_scores"] for l in (tmp_path / n).read_text().splitlines()]  # noqa
+    np.testing.assert_allclose(rows("hnsw.jsonl"), rows("exact.jsonl"), atol=1e-6)
+    assert len(list((tmp_path / "cache").glob("*/embeddings.npy"))) == 2  # one corpus + one query store, reused
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # a setting FAISS cannot build: one line, exit 2, nothing written
+        mod.main(base + ["--out", str(tmp_path / "pq.jsonl"), "--index", "ivfpq", "--pq-m", "7"])
+    assert e.value.code == 2 and "nvembed: search error: pq_m=7 must divide the embedding dimension 64" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "pq.jsonl").exists()
