@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from nvembed.data.spec import DataSpec, FieldsSpec, SourceSpec, SpecError, parse_spec, write_spec
