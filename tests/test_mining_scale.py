@@ -240,5 +240,92 @@ def test_two_process_launch_of_the_miner_cli_with_minilm(tmp_path):
     assert [r["negatives"] for r in ra] == [r["negatives"] for r in rb] and len(ra) == 40
 
 
+def _text_files(folder, n, width):
+    """``n`` pairs (every 3rd query repeated: rows merged) and ``n`` corpus rows of ``width``-character texts."""
+    rng = np.random.default_rng(n)
+    words = np.array(["alpha", "beta", "gamma", "delta", "kappa", "sigma", "omega", "rho"])
+    text = lambda: " ".join(rng.choice(words, width // 6)).ljust(width, ".")  # noqa: E731
+    corpus = [text() for _ in range(n)]
+    queries = [text() for _ in range(n)]
+    pairs, docs = Path(folder) / "pairs.jsonl", Path(folder) / "corpus.jsonl"
+    with open(pairs, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"query": queries[i - i % 3], "positive": corpus[(7 * i) % n], "row": i}) + "\n")
+    docs.write_text("".join(json.dumps({"_id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(corpus)))
+    return pairs, docs
+
+
+def _mine_peak(folder, n, width=2000):
+    """Peak Python heap (tracemalloc: Python objects and numpy buffers) of ``mine_file`` over ``n`` rows."""
+    import tracemalloc
+
+    from nvembed.mining import MiningRule, SearchConfig, mine_file
+
+    pairs, docs = _text_files(folder, n, width)
+    tracemalloc.start()
+    try:
+        stats = mine_file(SeededEncoder(dim=8), pairs, Path(folder) / "mined.jsonl", corpus_path=docs,
+                          rule=MiningRule(rule="topk", range_max=5, num_negatives=2), encode_chunk_size=256,
+                          query_block_size=256, search_config=SearchConfig(query_chunk_size=256, doc_chunk_size=512),
+                          show_progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return peak, stats
+
+
+def test_mine_file_keeps_texts_on_disk(tmp_path):
+    """4x the rows of 2,000-character texts: the heap grows by the offsets and hashes (~100 B a row), not by the
+    texts (the code before issue #17 held every corpus and query text, and every record, until the end)."""
+    n, width = 600, 2000
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    small, s_stats = _mine_peak(tmp_path / "a", n, width)
+    big, b_stats = _mine_peak(tmp_path / "b", 4 * n, width)
+    assert (s_stats["num_queries"], b_stats["num_queries"]) == (n // 3, 4 * n // 3)  # rows merged by query
+    assert b_stats["corpus_size"] == 4 * n
+    rows = [json.loads(l) for l in (tmp_path / "b" / "mined.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 * n // 3 and all(len(r["negatives"]) == 2 and len(r["positives"]) == 3 for r in rows)
+    assert rows[1]["row"] == 3  # pass-through fields come from the query's first row
+    added_text = 3 * n * width * 2  # the corpus and query texts of the 3n extra rows
+    assert big - small < 0.1 * added_text, (small, big, added_text)
+
+
+def test_streamed_file_mining_equals_in_memory(tmp_path):
+    """Messy input (4 query keys, blank lines, CRLF, a positive repeated in a row and across rows, a query equal to a
+    document, pass-through fields): mine_file (offsets, hashes, records streamed) writes exactly what the in-RAM
+    path writes for read_pairs + read_corpus of the same files."""
+    from nvembed.mining import MiningRule, mine_file, mine_hard_negatives, read_corpus, read_pairs
+
+    docs = [f"doc {w} {v}" for w in ("red", "green", "blue", "cyan") for v in ("one", "two", "three", "four")]
+    keys = [("query", "positives"), ("anchor", "positive"), ("question", "pos"), ("q", "answer")]
+    lines = []
+    for i in range(24):
+        qk, pk = keys[i % 4]
+        ps = [docs[i % 16], docs[(5 * i) % 16], docs[i % 16]]
+        q = docs[3] if i % 5 == 0 else f"question {i % 7}"
+        lines.append(json.dumps({qk: q, pk: ps if pk == "positives" else ps[0], "i": i, "negatives": ["x"]}))
+    pairs, corpus = tmp_path / "pairs.jsonl", tmp_path / "corpus.jsonl"
+    pairs.write_bytes(("\r\n".join(lines[:6]) + "\n\n  \n" + "\n".join(lines[6:]) + "\n").encode())
+    corpus.write_text("".join(json.dumps({"_id": f"c{j}", "text": d}) + "\n\n" for j, d in enumerate(docs[:12] * 2)))
+    rule = MiningRule(rule="topk", range_max=8, num_negatives=3)
+    stats = mine_file(SeededEncoder(), pairs, tmp_path / "out.jsonl", corpus_path=corpus, rule=rule,
+                      encode_chunk_size=5, query_block_size=3, show_progress=False, cache_dir=tmp_path / "c1")
+    rows = read_pairs(pairs)
+    texts, ids = read_corpus(corpus, with_ids=True)
+    recs = mine_hard_negatives(SeededEncoder(), [r["query"] for r in rows], [r["positives"] for r in rows], texts,
+                               corpus_ids=ids, rule=rule, show_progress=False, cache_dir=tmp_path / "c2")
+    for rec, row in zip(recs, rows):
+        for k, v in row.items():
+            rec.setdefault(k, v)
+    assert stats["num_queries"] == len(rows) == 8 and stats["corpus_size"] == 16
+    assert (tmp_path / "out.jsonl").read_text() == "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
+    assert {p.name for p in tmp_path.iterdir()} == {"pairs.jsonl", "corpus.jsonl", "out.jsonl", "out.yaml", "c1",
+                                                    "c2"}  # no temporary file left
+    same = lambda c: sorted((EmbeddingStore(m.parent).n, tuple(EmbeddingStore(m.parent).ids()))  # noqa: E731
+                            for m in (tmp_path / c).glob("*/meta.json"))
+    assert same("c1") == same("c2")  # the same stores: texts and ids in the same order
+
+
 if __name__ == "__main__":
     _worker(sys.argv[1])

@@ -1,10 +1,12 @@
 """Hard-negative mining with a teacher encoder and positive-aware rules.
 
-Pipeline: deduplicate the corpus by text (positives are added to it) -> encode corpus and queries into embedding
+Pipeline: deduplicate the corpus by text (positives are added to it; by hash, the texts stay on disk:
+:mod:`~nvembed.mining.texts`) -> encode corpus and queries into embedding
 stores on disk (:mod:`~nvembed.mining.store`: written chunk by chunk, resumable, sharded over the ranks of an
 accelerate launch) -> rank 0 searches the corpus store per block of queries (:mod:`~nvembed.mining.index`: streamed
 exact top-k, or a FAISS IVF / IVF-PQ / HNSW index filled chunk by chunk, with its recall@k against exact search
-measured on a sample of queries) -> :func:`~nvembed.mining.rules.select_negatives` per query.
+measured on a sample of queries) -> :func:`~nvembed.mining.rules.select_negatives` per query -> each record
+written as it is mined (its texts read back from the input files).
 
 Enough candidates are retrieved for the rank window to survive the removal of positives:
 ``k = range_max + max #positives per query + 1`` (the FAISS path once returned too few candidates with several
@@ -23,7 +25,9 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
 
 from tqdm.auto import tqdm
 
@@ -32,6 +36,8 @@ from nvembed.mining.cache import store_folder
 from nvembed.mining.index import SearchConfig, build_index, estimate_recall, search
 from nvembed.mining.rules import MiningRule, select_negatives
 from nvembed.mining.store import StoreError, encode_to_store
+from nvembed.mining.texts import (MiningTexts, corpus_text, from_files, from_lists, pair_keys, pair_positives,
+                                  parse_line, pass_through, scan_lines, strip_eol)
 
 
 class Ranks:
@@ -82,6 +88,26 @@ def mine_hard_negatives(teacher, queries: Sequence[str], positives: Sequence[Seq
         stats: if a dict is given, it is filled with counts (queries, corpus size, short queries, recall, seconds).
         ranks: the launch (default: read from the environment); ranks other than 0 encode their share and return [].
     """
+    if len(queries) != len(positives):
+        raise ValueError("queries and positives must have the same length")
+    records: List[Dict[str, Any]] = []
+    texts = from_lists(queries, positives, corpus, corpus_ids)
+    _mine(teacher, texts, lambda qi, rec: records.append(rec), rule=rule, instruction=instruction,
+          batch_size=batch_size, cache_dir=cache_dir, search_config=search_config, use_faiss=use_faiss,
+          store_dtype=store_dtype, encode_chunk_size=encode_chunk_size, query_block_size=query_block_size,
+          query_chunk_size=query_chunk_size, doc_chunk_size=doc_chunk_size, exclude_query_text=exclude_query_text,
+          show_progress=show_progress, stats=stats, ranks=ranks)
+    return records
+
+
+def _mine(teacher, texts: MiningTexts, emit: Callable[[int, Dict[str, Any]], None], *,
+          rule: Optional[MiningRule] = None, instruction: Optional[str] = None, batch_size: int = 32,
+          cache_dir: Optional[str] = None, search_config: Optional[SearchConfig] = None, use_faiss: bool = False,
+          store_dtype: str = "float32", encode_chunk_size: int = 4096, query_block_size: int = 4096,
+          query_chunk_size: Optional[int] = None, doc_chunk_size: Optional[int] = None,
+          exclude_query_text: bool = True, show_progress: bool = True, stats: Optional[Dict[str, Any]] = None,
+          ranks: Optional[Ranks] = None) -> None:
+    """Encode, search and select; each query's record goes to ``emit(query index, record)`` in query order."""
     rule = rule or MiningRule()
     cfg = dataclasses.replace(search_config or SearchConfig(index="flat" if use_faiss else "exact"))
     if query_chunk_size:
@@ -89,28 +115,13 @@ def mine_hard_negatives(teacher, queries: Sequence[str], positives: Sequence[Seq
     if doc_chunk_size:
         cfg.doc_chunk_size = doc_chunk_size
     ranks = ranks or Ranks()
-    if len(queries) != len(positives):
-        raise ValueError("queries and positives must have the same length")
     t0 = time.perf_counter()
-    texts: List[str] = []
-    ids: List[str] = []
-    index: Dict[str, int] = {}
-
-    def add(t: str, i: str) -> int:
-        if t not in index:
-            index[t] = len(texts)
-            texts.append(t)
-            ids.append(i)
-        return index[t]
-
-    for n, t in enumerate(corpus or ()):
-        add(t, str(corpus_ids[n]) if corpus_ids is not None else str(n))
-    pos_ids = [[add(p, f"q{qi}-pos{j}") for j, p in enumerate(dict.fromkeys(ps))] for qi, ps in enumerate(positives)]
-    if any(not p for p in pos_ids) and rule.rule in ("topk_percpos", "topk_marginpos"):
+    n_queries, docs = len(texts.queries), texts.docs
+    if np.any(np.diff(texts.pos_ptr) == 0) and rule.rule in ("topk_percpos", "topk_marginpos"):
         raise ValueError(f"{rule.rule} needs at least one positive per query")
-    if not queries:
-        return []
-    if not texts:
+    if not n_queries:
+        return
+    if not len(docs):
         raise ValueError("no documents to mine from: give a corpus or positives")
     if cache_dir is None and ranks.world > 1:
         raise StoreError("several processes share the embeddings through a folder: pass a cache folder (--cache)")
@@ -118,117 +129,88 @@ def mine_hard_negatives(teacher, queries: Sequence[str], positives: Sequence[Seq
         root = cache_dir if cache_dir is not None else tmp
         common = dict(dtype=store_dtype, chunk_size=encode_chunk_size, batch_size=batch_size, rank=ranks.rank,
                       world=ranks.world, barrier=ranks.barrier, show_progress=show_progress)
-        d_store = encode_to_store(teacher, texts, store_folder(root, teacher, texts, None, store_dtype),
-                                  ids=ids, desc="encode corpus", **common)
-        q_store = encode_to_store(teacher, list(queries), store_folder(root, teacher, queries, instruction,
+        d_store = encode_to_store(teacher, docs, store_folder(root, teacher, docs, None, store_dtype),
+                                  ids=texts.doc_ids, desc="encode corpus", **common)
+        q_store = encode_to_store(teacher, texts.queries, store_folder(root, teacher, texts.queries, instruction,
                                                                         store_dtype),
                                   instruction=instruction, desc="encode queries", **common)
         if ranks.rank != 0:
-            return []
+            return
         t_search = time.perf_counter()
-        records, run_stats = _search_and_select(queries, texts, index, pos_ids, d_store, q_store, rule, cfg,
-                                                query_block_size, exclude_query_text, show_progress)
+        run_stats = _search_and_select(texts, d_store, q_store, rule, cfg, query_block_size, exclude_query_text,
+                                       show_progress, emit)
     if stats is not None:
-        stats.update({"num_queries": len(queries), "corpus_size": len(texts), **run_stats,
+        stats.update({"num_queries": n_queries, "corpus_size": len(docs), **run_stats,
                       "search_seconds": round(time.perf_counter() - t_search, 2),
                       "seconds": round(time.perf_counter() - t0, 2)})
-    return records
 
 
-def _search_and_select(queries, texts, index, pos_ids, d_store, q_store, rule, cfg, query_block_size,
-                       exclude_query_text, show_progress):
-    max_pos = max((len(p) for p in pos_ids), default=0)
+def _search_and_select(texts: MiningTexts, d_store, q_store, rule, cfg, query_block_size, exclude_query_text,
+                       show_progress, emit):
+    n_docs = len(texts.docs)
+    max_pos = int(np.diff(texts.pos_ptr).max(initial=0))
     extra = 1 if exclude_query_text else 0
-    k = len(texts) if rule.range_max is None else min(len(texts), rule.range_max + max_pos + extra)
+    k = n_docs if rule.range_max is None else min(n_docs, rule.range_max + max_pos + extra)
     ann = build_index(d_store, cfg)
     run_stats: Dict[str, Any] = {"k_retrieved": k}
     if cfg.approximate:
         run_stats["recall"] = estimate_recall(ann, q_store, d_store, k, cfg)
-    records: List[Dict[str, Any]] = []
     n_short = 0
-    blocks = range(0, len(queries), query_block_size)
+    blocks = range(0, len(texts.queries), query_block_size)
     for b in tqdm(blocks, desc="mine", disable=not show_progress, total=len(blocks)):
         qb = q_store[b:b + query_block_size]
         scores, idx = search(qb, d_store, k, cfg, ann)
-        flat_pos = [p for pids in pos_ids[b:b + len(qb)] for p in pids]
-        pos_rows = d_store.take(flat_pos)
+        pos_ids = [texts.positives(b + j) for j in range(len(qb))]
+        pos_rows = d_store.take([p for pids in pos_ids for p in pids])
         at = 0
-        for j in range(len(qb)):
+        for j, pids in enumerate(pos_ids):
             qi = b + j
-            pids = pos_ids[qi]
             pscores = [float(s) for s in pos_rows[at:at + len(pids)] @ qb[j]]
             at += len(pids)
-            excl = [index[queries[qi]]] if exclude_query_text and queries[qi] in index else []
+            qd = int(texts.query_doc[qi])
+            excl = [qd] if exclude_query_text and qd >= 0 else []
             found = idx[j] >= 0  # an approximate index may return fewer than k
             neg_ids, neg_scores = select_negatives(idx[j][found], scores[j][found], pids, pscores, rule,
                                                    query_index=qi, excluded_ids=excl)
             n_short += len(neg_ids) < rule.num_negatives
-            records.append({"query": queries[qi], "positives": [texts[p] for p in pids],
-                            "negatives": [texts[n] for n in neg_ids],
-                            "negative_scores": [round(s, 6) for s in neg_scores],
-                            "positive_scores": [round(s, 6) for s in pscores]})
+            # texts are read from disk here, a few per query, and leave with the record
+            emit(qi, {"query": texts.queries[qi], "positives": [texts.docs[p] for p in pids],
+                      "negatives": [texts.docs[n] for n in neg_ids],
+                      "negative_scores": [round(s, 6) for s in neg_scores],
+                      "positive_scores": [round(s, 6) for s in pscores]})
     run_stats["queries_with_fewer_negatives"] = n_short
-    return records, run_stats
+    return run_stats
 
 
 # ----------------------------------------------------------------------------------------------- file helpers
 
-_QUERY_KEYS = ("query", "anchor", "question", "q")
-_POS_KEYS = ("positives", "positive", "pos", "document", "answer")
-
-
 def _jsonl(path):
     """``(line number, row)`` of a JSONL file; a missing file or a bad line is a :class:`SpecError` naming it."""
-    try:
-        f = open(path, encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError(f"{path}: file not found") from None
-    with f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise SpecError(f"{path}:{n}: not a JSON line ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise SpecError(f"{path}:{n}: a row must be a JSON object")
-                yield n, row
+    for _, n, line in scan_lines(path):
+        yield n, parse_line(path, n, line)
 
 
 def read_pairs(path) -> List[Dict[str, Any]]:
-    """Read query/positive JSONL rows and group them by query text: ``[{"query", "positives", **extra}]``.
+    """Read query/positive JSONL rows and group them by query text: ``[{"query", "positives", **extra}]``, in RAM
+    (small files; :func:`mine_file` keeps only offsets, :mod:`~nvembed.mining.texts`).
     Accepted keys: query|anchor|question|q and positives (list) | positive | pos | document | answer."""
     groups: Dict[str, Dict[str, Any]] = {}
     for n, r in _jsonl(path):
-        qk = next((k for k in _QUERY_KEYS if k in r), None)
-        pk = next((k for k in _POS_KEYS if k in r), None)
-        if qk is None or pk is None:
-            raise SpecError(f"{path}:{n}: need a query key {_QUERY_KEYS} and a positive key {_POS_KEYS}")
-        ps = r[pk] if isinstance(r[pk], list) else [r[pk]]
-        g = groups.setdefault(r[qk], {"query": r[qk], "positives": [],
-                                      **{k: v for k, v in r.items() if k not in (qk, pk, "negatives")}})
-        g["positives"] += [p for p in ps if p not in g["positives"]]
+        qk, pk = pair_keys(path, n, r)
+        g = groups.setdefault(r[qk], {"query": r[qk], "positives": [], **pass_through(r, qk, pk)})
+        g["positives"] += [p for p in pair_positives(r, pk) if p not in g["positives"]]
     return list(groups.values())
 
 
 def read_corpus(path, with_ids: bool = False):
-    """Corpus texts from ``.txt`` (one per line) or JSONL (``text`` with optional ``title``, BEIR-style).
+    """Corpus texts from ``.txt`` (one per line) or JSONL (``text`` with optional ``title``, BEIR-style), in RAM.
     ``with_ids``: ``(texts, ids)``, ids from ``_id`` / ``id`` (JSONL) or the line number."""
-    path = Path(path)
     texts, ids = [], []
-    if path.suffix == ".txt":
-        if not path.is_file():
-            raise SpecError(f"{path}: file not found")
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    texts.append(line.rstrip("\n"))
-                    ids.append(str(n))
-    else:
-        for n, r in _jsonl(path):
-            t = r.get("text", "")
-            texts.append(f"{r['title']}. {t}" if r.get("title") else t)
-            ids.append(str(r.get("_id", r.get("id", n))))
+    txt = Path(path).suffix == ".txt"
+    for _, n, line in scan_lines(path):
+        r = None if txt else parse_line(path, n, line)
+        texts.append(strip_eol(line) if txt else corpus_text(r))
+        ids.append(str(n) if txt else str(r.get("_id", r.get("id", n))))
     return (texts, ids) if with_ids else texts
 
 
@@ -252,18 +234,46 @@ def mined_spec(data_path, spec_path, *, name: Optional[str] = None, instruction:
     return spec
 
 
-def write_mined(records: List[Dict[str, Any]], out_path, spec: DataSpec, spec_path, *, comment: str = "") -> Path:
+class _Writer:
+    """Writes JSONL records as they come to ``.<name>.tmp`` beside ``out_path``; :meth:`commit` renames it into place
+    (a failure before keeps the earlier file and removes the temporary one)."""
+
+    def __init__(self, out_path):
+        self.out_path = Path(out_path)
+        self.out_path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.out_path.with_name(f".{self.out_path.name}.tmp")
+        self.f = open(self.tmp, "w", encoding="utf-8")
+
+    def write(self, record: Dict[str, Any]) -> None:
+        self.f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def commit(self) -> None:
+        self.f.close()
+        os.replace(self.tmp, self.out_path)
+
+    def abort(self) -> None:
+        self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _check_paths(out_path, spec_path) -> None:
+    if Path(out_path).resolve() == Path(spec_path).resolve():
+        raise SpecError(f"{out_path}: the mined data and its spec would be the same file")
+
+
+def write_mined(records: Iterable[Dict[str, Any]], out_path, spec: DataSpec, spec_path, *,
+                comment: str = "") -> Path:
     """Write ``records`` as JSONL at ``out_path`` and ``spec`` at ``spec_path``, each replaced atomically (a
     failure keeps the earlier files); returns the spec path."""
-    out_path, spec_path = Path(out_path), Path(spec_path)
-    if out_path.resolve() == spec_path.resolve():
-        raise SpecError(f"{out_path}: the mined data and its spec would be the same file")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    _check_paths(out_path, spec_path)
+    w = _Writer(out_path)
+    try:
         for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, out_path)
+            w.write(r)
+    except BaseException:
+        w.abort()
+        raise
+    w.commit()
     return write_spec(spec, spec_path, comment=comment)
 
 
@@ -273,6 +283,10 @@ def mine_file(teacher, input_path, out_path, *, corpus_path=None, rule: Optional
               provenance: Optional[Dict[str, Any]] = None, comment: str = "", **kw) -> Dict[str, Any]:
     """Read pairs (and a corpus), mine, write the JSONL and its data spec. Returns the stats dict.
 
+    Rows with the same query are one query (positives merged, pass-through fields from its first row). The input
+    files are scanned once for offsets and hashes (:func:`~nvembed.mining.texts.from_files`); texts are read back
+    per block of results and the records written as they are mined, to a temporary file renamed at the end.
+
     ``instruction`` is the teacher's query instruction; the spec's is ``spec_instruction``, else ``instruction``,
     else :data:`DEFAULT_INSTRUCTION`. ``spec_path`` defaults to ``<out_path>.yaml``. ``provenance`` entries
     override the recorded ones (teacher, rule, input, corpus, counts)."""
@@ -281,19 +295,35 @@ def mine_file(teacher, input_path, out_path, *, corpus_path=None, rule: Optional
     spec_path = Path(spec_path) if spec_path else out_path.with_suffix(".yaml")
     spec = mined_spec(out_path, spec_path, name=name, instruction=spec_instruction or instruction, stages=stages,
                       description=description)
-    rows = read_pairs(input_path)
-    corpus, corpus_ids = read_corpus(corpus_path, with_ids=True) if corpus_path else (None, None)
+    _check_paths(out_path, spec_path)
+    texts = from_files(input_path, corpus_path)
     stats: Dict[str, Any] = {}
     ranks = kw.pop("ranks", None) or Ranks()
     cfg = kw.pop("search_config", None) or SearchConfig(index="flat" if kw.pop("use_faiss", False) else "exact")
-    recs = mine_hard_negatives(teacher, [r["query"] for r in rows], [r["positives"] for r in rows], corpus,
-                               rule=rule, instruction=instruction, stats=stats, corpus_ids=corpus_ids,
-                               search_config=cfg, ranks=ranks, **kw)
-    if ranks.rank != 0:  # the other ranks encoded their share; rank 0 searched and writes
-        return stats
-    for rec, row in zip(recs, rows):
-        for k, v in row.items():
+    writer: Optional[_Writer] = None
+
+    def emit(qi: int, rec: Dict[str, Any]) -> None:
+        nonlocal writer
+        if writer is None:  # opened at the first record: ranks other than 0 and failed encodes write nothing
+            writer = _Writer(out_path)
+        for k, v in texts.extras(qi).items():
             rec.setdefault(k, v)
+        writer.write(rec)
+
+    try:
+        _mine(teacher, texts, emit, rule=rule, instruction=instruction, stats=stats, search_config=cfg, ranks=ranks,
+              **kw)
+        if ranks.rank != 0:  # the other ranks encoded their share; rank 0 searched and writes
+            return stats
+        if writer is None:  # no query: an empty file, as before
+            writer = _Writer(out_path)
+        writer.commit()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        texts.close()
     # no timings: re-mining the same inputs writes the same spec
     used = instruction if getattr(teacher, "use_instructions", True) else None  # e.g. MiniLM ignores it
     spec.provenance = {"tool": "nvembed.mining", "teacher": getattr(teacher, "name", ""),
@@ -303,5 +333,5 @@ def mine_file(teacher, input_path, out_path, *, corpus_path=None, rule: Optional
                        "positive_reference": "min positive score",
                        **{k: v for k, v in stats.items() if k not in ("seconds", "search_seconds", "recall")},
                        **(provenance or {})}
-    stats["spec"] = str(write_mined(recs, out_path, spec, spec_path, comment=comment))
+    stats["spec"] = str(write_spec(spec, spec_path, comment=comment))
     return stats
