@@ -16,6 +16,11 @@ re-normalised; queries drawn the same way (so near neighbours are real and recal
 repository and ``/work/shared/data`` (the largest real corpus at hand) for a real-text run of
 ``scripts/mine_hard_negatives.py`` (commands in docs/benchmarks.md).
 
+``--text-memory N``: the miner's memory on text, not vectors: writes ``N`` pairs (every 3rd query repeated, so
+rows are merged) and ``N`` corpus rows of ``--width`` characters, mines them with ``mine_file`` and a hashing
+encoder (dim 8: the store and the search are negligible), reports wall time and peak RSS. Run it at two sizes: what
+grows is what the miner keeps per row.
+
 Default (no mode flag): the memory of chunked top-k against the full score matrix it avoids, on random vectors
 held in RAM (``--docs 200000 --dim 384``); ``--faiss`` also times FAISS IndexFlatIP.
 """
@@ -239,6 +244,40 @@ def prepare_text(out: Path) -> int:
 # ------------------------------------------------------------------------------------------------ default mode
 
 
+def text_memory(a) -> int:
+    import hashlib
+
+    from nvembed.mining import MiningRule, SearchConfig, mine_file
+
+    class HashVectors:  # a text -> 8 numbers from its hash: the encoder costs nothing
+        name = "hash8"
+
+        def encode(self, texts, *, instruction=None, batch_size=32, show_progress=False):
+            raw = b"".join(hashlib.blake2b(t.encode(), digest_size=8).digest() for t in texts)
+            out = np.frombuffer(raw, dtype=np.int8).reshape(len(texts), 8).astype(np.float32) + 0.5
+            return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+    n, work = a.text_memory, Path(a.work) / f"text{a.text_memory}"
+    work.mkdir(parents=True, exist_ok=True)
+    pairs, corpus = work / "pairs.jsonl", work / "corpus.jsonl"
+    words = np.array("alpha beta gamma delta kappa sigma omega rho".split())
+    text = lambda *key: " ".join(np.random.default_rng(key).choice(words, a.width // 6))[:a.width]  # noqa: E731
+    with open(pairs, "w") as fp, open(corpus, "w") as fc:  # written row by row: generating sets no RSS peak
+        for i in range(n):
+            fc.write(json.dumps({"_id": f"d{i}", "text": text(0, i)}) + "\n")
+            fp.write(json.dumps({"query": text(1, i - i % 3), "positive": text(2, i), "row": i}) + "\n")
+    mb = (pairs.stat().st_size + corpus.stat().st_size) / 2**20
+    before, t0 = rss_mb(), time.perf_counter()
+    stats = mine_file(HashVectors(), pairs, work / "mined.jsonl", corpus_path=corpus,
+                      rule=MiningRule(rule="topk", range_max=10, num_negatives=4), encode_chunk_size=4096,
+                      search_config=SearchConfig(query_chunk_size=512, doc_chunk_size=16384), show_progress=False)
+    print(json.dumps({"rows": n, "width": a.width, "input_mb": round(mb, 1), "queries": stats["num_queries"],
+                      "corpus": stats["corpus_size"], "seconds": round(time.perf_counter() - t0, 1),
+                      "rss_before_mb": round(before), "peak_rss_mb": round(rss_mb()),
+                      "out_mb": round((work / "mined.jsonl").stat().st_size / 2**20, 1)}))
+    return 0
+
+
 def chunked(a) -> int:
     import torch
 
@@ -282,6 +321,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", action="store_true", help="store on disk + exact/ivf/ivfpq/hnsw, one process each")
     ap.add_argument("--prepare-text", default=None, metavar="DIR", help="write pairs/corpus for a real-text run")
+    ap.add_argument("--text-memory", type=int, default=None, metavar="N", help="mine N generated text rows")
+    ap.add_argument("--width", type=int, default=500, help="--text-memory: characters a text")
     ap.add_argument("--docs", type=int, default=None, help="default 1000000 with --scale, else 200000")
     ap.add_argument("--queries", type=int, default=2000)
     ap.add_argument("--dim", type=int, default=None, help="default 256 with --scale, else 384")
@@ -311,6 +352,8 @@ def main(argv=None) -> int:
         return run_one(a)
     if a.prepare_text:
         return prepare_text(Path(a.prepare_text))
+    if a.text_memory:
+        return text_memory(a)
     return scale(a) if a.scale else chunked(a)
 
 
