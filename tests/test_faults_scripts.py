@@ -189,7 +189,7 @@ def test_evaluate_bad_beir_folder(case, tmp_path, capsys):
         needles = ("queries.jsonl: no queries",)
     elif case == "bad_json":
         kw["corpus"] = [{"_id": "d1", "text": "a"}, '{"_id": "d2", "text": ']
-        needles = ("corpus.jsonl:2: not valid JSON",)
+        needles = ("corpus.jsonl:2: malformed JSON",)
     elif case == "no_id":
         kw["corpus"] = [{"_id": "d1", "text": "a"}, {"_id": "d2", "text": "b"}, {"text": "c"}]
         needles = ("corpus.jsonl:3: field '_id' missing",)

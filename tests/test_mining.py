@@ -189,7 +189,7 @@ def test_mining_cli_errors_keep_earlier_output(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         mod.main(["--teacher", "dummy", "--input", str(bad), "--out", str(out)])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and err.startswith("nvembed: data error: ") and "bad.jsonl:11: not a JSON line" in err
+    assert e.value.code == 2 and err.startswith("nvembed: data error: ") and "bad.jsonl:11: malformed JSON" in err
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 

@@ -299,20 +299,23 @@ def _blocks(job: _Job, state: Dict[str, int]) -> Iterator[Tuple[int, str]]:
                 return
 
 
+def json_object(line: str) -> Tuple[Optional[dict], str]:
+    """One JSONL line: ``(object, "")``, or ``(None, what is wrong)`` for the caller to report with file:line.
+    The one JSON-line check of every reader (data sources, BEIR folders, the miner's inputs)."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        return None, f"malformed JSON ({e.msg})"
+    if not isinstance(obj, dict):
+        return None, "a JSON line must be an object"
+    return obj, ""
+
+
 def _json_records(job: _Job, state: Dict[str, int]) -> Iterator[Tuple[int, Optional[dict], str]]:
     for before, text in _blocks(job, state):
         for k, line in enumerate(text.split("\n")):  # only \\n ends a line: a JSON text may hold U+2028 and co.
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield before + k + 1, None, f"malformed JSON ({e.msg})"
-                continue
-            if not isinstance(obj, dict):
-                yield before + k + 1, None, "a JSON line must be an object"
-                continue
-            yield before + k + 1, obj, ""
+            if line.strip():
+                yield (before + k + 1, *json_object(line))
 
 
 def _csv_records(job: _Job, state: Dict[str, int]) -> Iterator[Tuple[int, Optional[dict], str]]:

@@ -8,11 +8,11 @@ A BEIR folder holds ``corpus.jsonl`` (``_id``, ``title``, ``text``), ``queries.j
 from __future__ import annotations
 
 import csv
-import json
 import random
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
+from nvembed.data.sources import json_object
 from nvembed.errors import UserError
 from nvembed.mining.topk import chunked_topk
 
@@ -36,12 +36,9 @@ def _jsonl_rows(path: Path, required: Tuple[str, ...]):
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BeirError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(r, dict):
-                raise BeirError(f"{path}:{n}: expected a JSON object, got {type(r).__name__}")
+            r, problem = json_object(line)
+            if problem:
+                raise BeirError(f"{path}:{n}: {problem}")
             for key in required:
                 v = r.get(key)
                 if v is None or (key == "_id" and str(v) == "") or (key != "_id" and not isinstance(v, str)):

@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from nvembed.data.sources import json_object
 from nvembed.data.spec import SpecError
 
 QUERY_KEYS = ("query", "anchor", "question", "q")
@@ -36,12 +37,9 @@ def _hashes(buf: bytearray) -> np.ndarray:
 
 
 def parse_line(path, n: int, line: str) -> Dict[str, Any]:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise SpecError(f"{path}:{n}: not a JSON line ({e.msg})") from None
-    if not isinstance(row, dict):
-        raise SpecError(f"{path}:{n}: a row must be a JSON object")
+    row, problem = json_object(line)
+    if problem:
+        raise SpecError(f"{path}:{n}: {problem}")
     return row
 
 
