@@ -24,13 +24,13 @@ class UserError(Exception):
     """Word printed before ``error:`` (``config``, ``data``, ``run folder`` ...)."""
 
 
-def report(err: BaseException, prog: Optional[str] = None) -> None:
+def report(err: BaseException) -> None:
     """Print ``err`` as one line on stderr (with its traceback when NVEMBED_DEBUG is set)."""
     if os.environ.get("NVEMBED_DEBUG"):
         traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
     kind = getattr(err, "kind", "input")
     msg = str(err).strip()
-    print(f"{prog or 'nvembed'}: {kind} error: {msg}", file=sys.stderr)
+    print(f"nvembed: {kind} error: {msg}", file=sys.stderr)
 
 
 def cli(fn: Callable[..., Optional[int]]) -> Callable[..., int]:

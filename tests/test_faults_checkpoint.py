@@ -91,6 +91,25 @@ def test_every_saved_folder_has_a_verified_manifest(base_run):
     assert {"optimizer.pt", "scheduler.pt", "rng.json"} <= set(json.load(open(stage / "checkpoint-2" / ckpt.MANIFEST))["files"])
 
 
+def test_large_files_are_checked_by_size_only(base_run, tmp_path, monkeypatch):
+    """Files over HASH_MAX_BYTES are not read back to hash them (multi-GB optimizer states): a torn write is still
+    caught by its size, a same-size change is not (the price of not reading gigabytes on every save)."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(ckpt.checkpoints(str(base_run / "stage1"))[-1], folder)
+    monkeypatch.setattr(ckpt, "HASH_MAX_BYTES", os.path.getsize(folder / "optimizer.pt") - 1)
+    ckpt.write_manifest(str(folder))
+    files = json.load(open(folder / ckpt.MANIFEST))["files"]
+    assert files["optimizer.pt"]["sha256"] is None and files[ckpt.STATE]["sha256"]
+    data = (folder / "optimizer.pt").read_bytes()
+    (folder / "optimizer.pt").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    assert ckpt.verify(str(folder)) is None
+    (folder / "optimizer.pt").write_bytes(data[:-8])
+    assert "truncated" in ckpt.verify(str(folder))
+    (folder / "optimizer.pt").write_bytes(data)
+    (folder / ckpt.STATE).write_text((folder / ckpt.STATE).read_text().replace("1", "2", 1))
+    assert "sha256" in ckpt.verify(str(folder))
+
+
 @pytest.mark.parametrize("kind", list(BREAKS))
 def test_broken_newest_checkpoint_is_named_and_skipped(base_run, tmp_path, capsys, kind):
     out = _copy(base_run, tmp_path)

@@ -196,9 +196,19 @@ def read_state(folder: str) -> Optional[Dict[str, Any]]:
 
 
 # ---- manifest: written last, verified on resume --------------------------------------------------------------------
-def _sha256(path: str) -> str:
+HASH_MAX_BYTES = 256 * 2**20
+"""Files up to this size get a sha256 in the manifest; larger ones (optimizer states and DeepSpeed shards of big
+models) are checked by size only, so a save does not read gigabytes back. A torn write changes the size."""
+
+
+def _sha256(path: str) -> Optional[str]:
+    if os.path.getsize(path) > HASH_MAX_BYTES:
+        return None
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for block in iter(lambda: f.read(2**20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_manifest(folder: str) -> None:
@@ -235,7 +245,7 @@ def verify(folder: str) -> Optional[str]:
         if os.path.getsize(full) != size:
             return f"{rel} has {os.path.getsize(full)} bytes, {MANIFEST} says {size} (truncated or rewritten)"
     for rel in sorted(files):
-        if _sha256(os.path.join(folder, rel)) != files[rel].get("sha256"):
+        if files[rel].get("sha256") and _sha256(os.path.join(folder, rel)) != files[rel]["sha256"]:
             return f"{rel} does not match its sha256 in {MANIFEST} (corrupted)"
     return None
 
@@ -321,10 +331,10 @@ def discard_on_error(tmp: str, folder: str, need: int):
 
 
 def save_checkpoint(folder: str, *, embedder, optimizer, scheduler, state: Dict[str, Any],
-                    accelerator=None, weights: Optional[Dict[str, torch.Tensor]] = None, keep_last: int = 0,
+                    accelerator=None, weights: Optional[Dict[str, torch.Tensor]] = None,
                     rng_states: Optional[List[Dict[str, Any]]] = None) -> str:
-    """Write a complete checkpoint atomically (manifest last); prune to the newest ``keep_last`` in its stage folder.
-    ``rng_states``: every rank's :func:`rng_state` (default: this process's only)."""
+    """Write a complete checkpoint atomically (manifest last); the trainer prunes (:func:`prune`) once it has proved
+    good. ``rng_states``: every rank's :func:`rng_state` (default: this process's only)."""
     parent = os.path.dirname(folder.rstrip("/"))
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".tmp-{os.path.basename(folder)}-{os.getpid()}")
@@ -344,12 +354,12 @@ def save_checkpoint(folder: str, *, embedder, optimizer, scheduler, state: Dict[
             json.dump(rng_states or [rng_state()], f)
         write_json_atomic(os.path.join(tmp, STATE), dict(state, saved_at=time.time()))
         write_manifest(tmp)  # last: its presence means "complete"
-    publish(tmp, folder, keep_last)
+    publish(tmp, folder)
     return folder
 
 
-def publish(tmp: str, folder: str, keep_last: int = 0) -> None:
-    """Move a complete temporary checkpoint into place (replacing an older one of the same name) and prune."""
+def publish(tmp: str, folder: str) -> None:
+    """Move a complete temporary checkpoint into place (replacing an older one of the same name)."""
     if os.path.exists(folder):
         old = f"{tmp}.old"
         os.replace(folder, old)
@@ -357,7 +367,6 @@ def publish(tmp: str, folder: str, keep_last: int = 0) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, folder)
-    prune(os.path.dirname(folder.rstrip("/")), keep_last)
 
 
 def prune(stage_dir: str, keep_last: int, upto: Optional[str] = None) -> None:

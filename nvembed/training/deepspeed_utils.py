@@ -228,28 +228,23 @@ def _estimate_bytes(acc, embedder, weights) -> int:
 def save(trainer, folder: str, optimizer, state: Dict[str, Any]) -> None:
     """Atomic checkpoint under DeepSpeed (every rank calls it): the trainer's protocol with the sharded state. No
     pruning: the trainer prunes once the checkpoint has proved good."""
-    from accelerate.utils import broadcast_object_list
-
     from . import checkpoint as ckpt
+    from .distributed import on_main
 
     acc = trainer.accelerator
     parent = os.path.dirname(folder.rstrip("/"))
     tmp = os.path.join(parent, f".tmp-{os.path.basename(folder)}-ds")
     weights = trainable_state_dict(acc, trainer.embedder)  # a collective under ZeRO-3
     need = _estimate_bytes(acc, trainer.embedder, weights)
-    failed = [None]
-    if acc.is_main_process:
+
+    def prepare():
         os.makedirs(parent, exist_ok=True)
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
-        try:
-            ckpt.check_free_space(parent, folder, need)
-            os.makedirs(tmp)
-        except ckpt.DiskFullError as e:
-            failed[0] = str(e)
-    broadcast_object_list(failed)  # every rank stops, none waits for the others in a collective
-    if failed[0] is not None:
-        raise ckpt.DiskFullError(failed[0])
+        ckpt.check_free_space(parent, folder, need)
+        os.makedirs(tmp)
+
+    on_main(acc, prepare, ckpt.DiskFullError)  # every rank stops, none waits for the others in a collective
     with ckpt.discard_on_error(tmp, folder, need):  # a full disk mid-save: this rank's error names the folder
         if optimizer is not None:  # optimizer/scheduler/model shards + per-rank RNG (a collective)
             acc.save_state(os.path.join(tmp, DS_DIR))
@@ -258,7 +253,7 @@ def save(trainer, folder: str, optimizer, state: Dict[str, Any]) -> None:
             trainer.embedder.save_weights(tmp, weights)
             ckpt.write_json_atomic(os.path.join(tmp, ckpt.STATE), dict(state, saved_at=time.time(), deepspeed=True))
             ckpt.write_manifest(tmp)
-            ckpt.publish(tmp, folder, 0)
+            ckpt.publish(tmp, folder)
     acc.wait_for_everyone()
 
 

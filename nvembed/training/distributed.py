@@ -34,6 +34,24 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
+def on_main(acc, fn, errors):
+    """Run ``fn()`` on the main process only and share its result; one of ``errors`` raised there is raised again on
+    every rank (same type and message), so no rank waits in a collective for one that stopped."""
+    box: list = [None, None]
+    if acc is None or acc.is_main_process:
+        try:
+            box[0] = fn()
+        except errors as e:
+            box[1] = (type(e), str(e))
+    if acc is not None and acc.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(box)
+    if box[1] is not None:
+        raise box[1][0](box[1][1])
+    return box[0]
+
+
 def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 

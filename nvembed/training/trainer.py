@@ -24,7 +24,7 @@ from ..preflight import load_stage, load_stages
 from . import checkpoint as ckpt
 from . import deepspeed_utils as ds_utils
 from .collate import Batch, Collator
-from .distributed import all_gather_no_grad, all_gather_with_grad, sync_context
+from .distributed import all_gather_no_grad, all_gather_with_grad, on_main, sync_context
 from .tracking import Tracker, plot_loss_curves, scrub
 
 
@@ -97,6 +97,7 @@ class Trainer:
         self.global_step = 0
         self.distill_counts = _new_distill_counts()
         self._data: Dict[str, Any] = {}  # each stage's data, loaded and checked in setup before the model
+        self._resume_from: Dict[str, Optional[str]] = {}  # stage -> verified folder it resumes from (resume=true)
 
     # ---- setup ---------------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -115,8 +116,7 @@ class Trainer:
         resume_after = self._resume_points() if self.cfg.resume else None
         # every stage's data is read and checked before the model loads and before the run folder is marked: a bad
         # stage-2 spec fails in seconds, not after stage 1, and a retry with the same output_dir works
-        done = [n for n in self.cfg.stages if self.cfg.resume
-                and ckpt.read_state(os.path.join(self.out, n, "final")) is not None]
+        done = [n for n, src in self._resume_from.items() if src == os.path.join(self.out, n, "final")]
         self._data = load_stages(self.cfg, self.specs_root, process_index=acc.process_index,
                                  num_processes=acc.num_processes, log=self._log_line, skip=done)
         set_seed(self.cfg.seed)
@@ -139,20 +139,9 @@ class Trainer:
         """Step each stage resumes at, from verified folders (:func:`checkpoint.find_resume_point`: broken ones are
         named and skipped). Decided once on the main process and shared, so every rank loads the same checkpoint and
         an error stops every rank."""
-        acc = self.accelerator
-        found: list = [None, None]
-        if acc is None or acc.is_main_process:
-            try:
-                found[0] = {name: ckpt.find_resume_point(os.path.join(self.out, name)) for name in self.cfg.stages}
-            except ckpt.RunDirError as e:
-                found[1] = str(e)
-        if acc is not None and acc.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
-            broadcast_object_list(found)
-        if found[1] is not None:
-            raise ckpt.RunDirError(found[1])
-        self._resume_from: Dict[str, Optional[str]] = found[0]
+        self._resume_from = on_main(
+            self.accelerator, lambda: {name: ckpt.find_resume_point(os.path.join(self.out, name))
+                                       for name in self.cfg.stages}, ckpt.RunDirError)
         return {name: (ckpt.read_state(src)["step"] if src else 0) for name, src in self._resume_from.items()}
 
     # ---- the run -------------------------------------------------------------------------------------------------
@@ -201,8 +190,6 @@ class Trainer:
         acc = self.accelerator
         stage_dir = os.path.join(self.out, name)
         final_dir = os.path.join(stage_dir, "final")
-        if self.cfg.resume and getattr(self, "_resume_from", None) is None:
-            self._resume_points()
         source = self._resume_from.get(name) if self.cfg.resume else None
         if source == final_dir:
             # finished earlier: its weights are the starting point of the next stage
@@ -343,7 +330,7 @@ class Trainer:
         lower learning rate. ``unproven``: a checkpoint saved since the last finite loss; its weights are the ones
         that gave the streak, so the way back starts from the one before it."""
         stage_dir = os.path.join(self.out, name)
-        good = [c for c in ckpt.checkpoints(stage_dir) if c != unproven]
+        good = [c for c in ckpt.checkpoints(stage_dir) if c != unproven and ckpt.verify(c) is None]
         key = f"stage_defs.{name}.learning_rate"
         fix = f"resume=true {key}={st.learning_rate / 10:g} resume_changes=[{key}]"
         if unproven is not None:
@@ -368,21 +355,11 @@ class Trainer:
         acc.wait_for_everyone()
         weights = self.embedder.trainable_state_dict()
         rngs = gather_object([ckpt.rng_state()]) if acc.num_processes > 1 else None  # every rank's (a collective)
-        failed = [None]  # a full disk stops every rank, not only the one that writes
-        if acc.is_main_process:
-            try:
-                ckpt.save_checkpoint(folder, embedder=self.embedder,
-                                     optimizer=optimizer.optimizer if optimizer is not None else None,
-                                     scheduler=scheduler.scheduler if scheduler is not None else None,
-                                     state=state, weights=weights, keep_last=0, rng_states=rngs)
-            except ckpt.DiskFullError as e:
-                failed[0] = str(e)
-        if acc.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
-            broadcast_object_list(failed)
-        if failed[0] is not None:
-            raise ckpt.DiskFullError(failed[0])
+        # a full disk stops every rank, not only the one that writes
+        on_main(acc, lambda: ckpt.save_checkpoint(
+            folder, embedder=self.embedder, optimizer=optimizer.optimizer if optimizer is not None else None,
+            scheduler=scheduler.scheduler if scheduler is not None else None, state=state, weights=weights,
+            rng_states=rngs), ckpt.DiskFullError)
 
     # ---- one optimizer step --------------------------------------------------------------------------------------
     def train_step(self, st: StageConfig, data, collator: Collator, loss_fn, optimizer, scheduler,
