@@ -6,6 +6,7 @@ single-process reference over the whole batch computed in the same run. Whole fi
 
 import glob
 import json
+import math
 import os
 import shutil
 import signal
@@ -377,11 +378,18 @@ def test_gpu_check_runs_against_current_code():
     spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(REPO, "scripts", "gpu_check.py"))
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
-    small = ["--preset", "tiny", "--batch", "2", "--length", "16", "--steps", "1", "--warmup", "0"]
-    full, lora = gpu_check.main(small), gpu_check.main(small + ["--lora", "--grad-ckpt"])
-    for r in (full, lora):
-        assert len(r["losses"]) == 1 and 0 < r["losses"][0] < 100, r
-        assert r["tokens_per_s"] == pytest.approx(3 * 2 * 16 / r["step_s"]) and r["mfu"] is None  # no peak on CPU
+    small = ["--preset", "tiny", "--batch", "2", "--length", "16"]
+    t0 = time.time()
+    # full: 1 warm-up + 2 timed steps, with a peak given so MFU is computed on CPU too
+    full = gpu_check.main(small + ["--steps", "2", "--warmup", "1", "--peak-tflops", "1000"])
+    full_wall = time.time() - t0
+    lora = gpu_check.main(small + ["--steps", "1", "--warmup", "0", "--lora", "--grad-ckpt"])
+    for r, n_steps in ((full, 3), (lora, 1)):
+        assert len(r["losses"]) == n_steps and all(0 < x < 100 for x in r["losses"]), r  # warm-up + timed steps
+        assert r["tokens_per_s"] > 0 and math.isfinite(r["tokens_per_s"]), r
+    assert 0 < full["step_s"] < full_wall, (full, full_wall)  # one step in seconds, within the run's wall time
+    assert 0 < full["mfu"] <= 1, full
+    assert lora["mfu"] is None  # no peak given, none known on CPU
     assert lora["non_embedding_params"] == full["non_embedding_params"]
     # LoRA: backbone frozen; only adapters and the latent-attention head (most of the tiny model's trainables) learn
     assert 0 < lora["trainable_params"] < full["trainable_params"], (lora, full)

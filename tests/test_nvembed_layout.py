@@ -159,6 +159,26 @@ def embedder(ckpt):
     return build_embedder(model_cfg(ckpt), seed=0).eval()
 
 
+def test_nvembed_checkpoint_is_not_taken_for_an_export(ckpt, tmp_path):
+    """A published NV-Embed checkpoint has an export's model_type and auto_map; is_export (used by load_encoder,
+    check_export_dir and scripts/export.py) must still tell them apart, by its latent_attention_config."""
+    from nvembed.eval.encoders import is_nvembed_export
+    from nvembed.export import AUTO_MAP, ExportError, check_export_dir, is_export
+    from nvembed.model.nvembed_layout import is_nvembed_checkpoint
+
+    cfg = json.load(open(os.path.join(ckpt, "config.json")))
+    assert cfg["model_type"] == "nvembed" and is_nvembed_checkpoint(ckpt)
+    assert not is_export(ckpt) and not is_nvembed_export(ckpt)
+    with pytest.raises(ExportError, match="not an nvembed export"):  # --overwrite cannot replace a downloaded model
+        check_export_dir(ckpt, overwrite=True)
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text(json.dumps({"model_type": "nvembed", "auto_map": AUTO_MAP}))
+    assert is_export(str(export)) and is_nvembed_export(export)
+    (export / "config.json").write_text(json.dumps({"model_type": "nvembed", "auto_map": {"AutoModel": "x.Y"}}))
+    assert not is_export(str(export))
+
+
 # ---- 1. the instruction convention ---------------------------------------------------------------------------------
 def test_full_prefix_or_bare_task_same_rule_everywhere():
     from nvembed.export.remote_code import modeling_nvembed as remote
@@ -334,6 +354,8 @@ def test_training_from_checkpoint_then_export_loads_without_nvembed(ckpt, traine
              if not torch.equal(p, start.pooler.head.state_dict()[n])]
     assert "latents" in moved and "to_q.weight" in moved  # the NV-Embed head itself was trained
     exported = json.load(open(os.path.join(final, "config.json")))
+    from nvembed.export import is_export
+    assert is_export(final) and not is_export(ckpt)
     assert exported["text_config"]["model_type"] == "mistral" and exported["num_latents"] == 8
     hf, st = _load_both(final)
     q = emb.encode(TEXTS, instruction=TASK)

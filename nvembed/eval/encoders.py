@@ -224,12 +224,11 @@ def _read_json(path: Path):
 
 
 def is_nvembed_export(folder) -> bool:
-    """``folder`` was exported by nvembed: its ``config.json`` has ``model_type: nvembed`` and the ``auto_map`` that
-    nvembed writes. Such a folder is loaded with nvembed's own copy of the model code, never the folder's copy."""
-    from nvembed.export.hf import AUTO_MAP
+    """``folder`` was exported by nvembed (:func:`nvembed.export.is_export`: not a published NV-Embed checkpoint).
+    Such a folder is loaded with nvembed's own copy of the model code, never the folder's copy."""
+    from nvembed.export import is_export
 
-    cfg = _read_json(Path(folder) / "config.json")
-    return isinstance(cfg, dict) and cfg.get("model_type") == "nvembed" and cfg.get("auto_map", AUTO_MAP) == AUTO_MAP
+    return is_export(folder)
 
 
 def load_nvembed_export(folder, *, device: Optional[str] = None, max_seq_length: Optional[int] = None):

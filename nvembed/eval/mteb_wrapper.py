@@ -240,8 +240,11 @@ def resolve_tasks(words: Sequence[str], *, instruction: Optional[str] = None, sp
 
 def load_task_data(tasks: Sequence) -> None:
     """Load every task's data now, so a task the offline hub cannot serve fails in one line before any model is
-    loaded (mteb then evaluates the preloaded data)."""
+    loaded (mteb then evaluates the preloaded data). Tasks already loaded (``data_loaded``) are skipped, so a caller
+    that loaded them up front (scripts/evaluate.py) does not load them twice in :func:`run_mteb`."""
     for task in tasks:
+        if getattr(task, "data_loaded", False):
+            continue
         try:
             task.load_data()
         except Exception as e:  # noqa: BLE001 -- only loading errors become user errors

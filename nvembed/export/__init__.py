@@ -32,13 +32,22 @@ class ExportError(UserError, ValueError):
     kind = "export"
 
 
-def is_export(folder: str) -> bool:
-    """``folder`` holds a model exported by nvembed (its ``config.json`` says ``model_type: nvembed``)."""
+# the ``auto_map`` an nvembed export's config.json carries (NV-Embed-v1/v2 carry the same one; see is_export)
+AUTO_MAP = {"AutoConfig": "configuration_nvembed.NVEmbedConfig", "AutoModel": "modeling_nvembed.NVEmbedModel"}
+
+
+def is_export(folder) -> bool:
+    """``folder`` holds a model exported by nvembed: its ``config.json`` has ``model_type: nvembed``, nvembed's
+    ``auto_map`` (or none) and no ``latent_attention_config``. A published NV-Embed-v1/v2 checkpoint (or a folder in
+    its layout, see :func:`nvembed.model.nvembed_layout.is_nvembed_checkpoint`) shares the model type and auto_map
+    but has that key, so it is never taken for an export (nor loaded or overwritten as one)."""
     try:
         with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            return json.load(f).get("model_type") == "nvembed"
-    except (OSError, ValueError, AttributeError):
+            cfg = json.load(f)
+    except (OSError, ValueError):
         return False
+    return (isinstance(cfg, dict) and cfg.get("model_type") == "nvembed" and "latent_attention_config" not in cfg
+            and cfg.get("auto_map", AUTO_MAP) == AUTO_MAP)
 
 
 def _training_folder(path: str) -> Optional[str]:

@@ -20,9 +20,10 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from . import AUTO_MAP  # defined in the torch-free package module, for is_export
+
 REMOTE_CODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "remote_code")
 REMOTE_FILES = ("configuration_nvembed.py", "modeling_nvembed.py", "st_nvembed.py")
-AUTO_MAP = {"AutoConfig": "configuration_nvembed.NVEmbedConfig", "AutoModel": "modeling_nvembed.NVEmbedModel"}
 ST_MODULE = "st_nvembed.NVEmbedSTModule"
 DEFAULT_QUERY_INSTRUCTION = "Given a question, retrieve passages that answer the question"
 

@@ -166,11 +166,6 @@ class EmbeddingStore:
         out[:] = rows[inv]
         return out
 
-    def iter_chunks(self, size: int = 65536) -> Iterator[Tuple[int, np.ndarray]]:
-        """``(start, float32 rows)`` over the whole store, ``size`` rows at a time."""
-        for lo in range(0, self.n, size):
-            yield lo, self[lo:lo + size]
-
     def ids(self) -> Iterator[str]:
         with open(self.folder / "ids.txt", encoding="utf-8") as f:
             for line in f:
