@@ -240,6 +240,7 @@ def run(recipe: str, out_dir: str, *, seeds: Sequence[int], only: Optional[Seque
     swept_keys = sorted({k for o in plan.values() for k in o})
     defaults = recipe_defaults(composed, swept_keys)
     rows: List[Dict[str, Any]] = []
+    failed: List[str] = []
     for group, overrides in plan.items():
         gdir = os.path.join(out_dir, group)
         if train:
@@ -248,6 +249,7 @@ def run(recipe: str, out_dir: str, *, seeds: Sequence[int], only: Optional[Seque
             log("[ablate] " + " ".join(cmd))
             done = subprocess.run(cmd)
             if done.returncode != 0:
+                failed.append(f"{group} (exit {done.returncode})")
                 log(f"[ablate] sweep {group} exited with {done.returncode}; tabulating the runs that finished")
         table = os.path.join(gdir, "sweep.json")
         if not os.path.isfile(table):
@@ -275,4 +277,7 @@ def run(recipe: str, out_dir: str, *, seeds: Sequence[int], only: Optional[Seque
         f.write(format_table(lines) + "\n")
     if lines:
         paths["png"] = plot(lines, os.path.join(out_dir, "ablations.png"))
+    if failed:  # after the table: the runs that finished are not lost
+        raise AblationError(f"sweeps failed: {', '.join(failed)}; the table in {paths['md']} holds the runs that "
+                            f"finished; re-run the same command to continue")
     return paths
