@@ -1,0 +1,12 @@
+"""Typed run configuration: the schema (``schema.py``: dataclasses with a docstring per field, ranges, choices) and
+its loading (``load.py``: OmegaConf merge, key/type/choice/range checks, ``describe`` for ``--help-config``)."""
+
+from .load import ConfigError, check_key, describe, model_from_dict, to_dict, validate
+from .schema import (CHOICES, MISSING, EvalConfig, ExcludedDataset, LoggingConfig, LoraConfig, LossConfig, ModelConfig,
+                     PoolingConfig, Range, RunConfig, StageConfig, ranged)
+
+to_dict_model = to_dict  # the name nvembed/model/embedder.py and nvembed/export call it by
+
+__all__ = ["CHOICES", "MISSING", "ConfigError", "EvalConfig", "ExcludedDataset", "LoggingConfig", "LoraConfig",
+           "LossConfig", "ModelConfig", "PoolingConfig", "Range", "RunConfig", "StageConfig", "check_key", "describe",
+           "model_from_dict", "ranged", "to_dict", "to_dict_model", "validate"]
