@@ -1,4 +1,7 @@
-"""Command-line glue for ``train/train.py``: override checks, path resolution, the Hydra entry point."""
+"""Command-line glue for ``train/train.py`` and the ``nvembed-train`` console script: override checks, path
+resolution (what the user typed becomes absolute here; nothing below resolves paths against a root of its own), the
+Hydra entry point. Recipes and data specs come from :mod:`nvembed.paths`: the checkout's folders, or the copies a
+regular install ships in ``nvembed/_bundled/``."""
 
 from __future__ import annotations
 
@@ -7,10 +10,10 @@ import os
 import sys
 from typing import List, Optional, Tuple
 
-from . import errors
+from . import errors, paths
 from .config import ConfigError, RunConfig, check_key, describe, validate
+from .paths import resolve_path  # noqa: F401  (training/evaluation.py imports it from here)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Hydra should not write its own output folders or reconfigure logging: the run directory is ours
 HYDRA_QUIET = ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=none", "hydra/hydra_logging=none"]
 
@@ -26,27 +29,23 @@ def check_overrides(argv: List[str]) -> None:
         check_key(key)
 
 
-def resolve_path(path: str, root: str = REPO) -> str:
-    """A relative path is taken from the working directory if it exists there, else from the repository root."""
-    if not path or os.path.isabs(path) or os.path.exists(path) or path.startswith("pkg://"):
-        return path
-    candidate = os.path.join(root, path)
-    return candidate if os.path.exists(candidate) else path
-
-
 def finalize(cfg: RunConfig) -> RunConfig:
+    """Paths typed relative to the working directory, or to the checkout / installed bundle (``recipes/assets/...``
+    in the smoke recipe), made absolute. Data specs stay as written (``config.yaml`` keeps them so, and resume
+    compares it): they are looked up under the ``specs_root`` passed to the trainer."""
     m = cfg.model
     for attr in ("tokenizer", "name_or_path"):
         if getattr(m, attr):
-            setattr(m, attr, resolve_path(getattr(m, attr)))
+            setattr(m, attr, paths.resolve_path(getattr(m, attr)))
     if cfg.init_from:
-        cfg.init_from = resolve_path(cfg.init_from)
+        cfg.init_from = paths.resolve_path(cfg.init_from)
+    cfg.eval.suites = [paths.resolve_path(s, [paths.eval_suites_root()]) for s in cfg.eval.suites]
     return cfg
 
 
 def run_from_hydra(raw) -> dict:
     cfg = finalize(validate(raw))
-    specs_root = os.path.join(REPO, "data_specs")
+    specs_root = paths.specs_root()
     if cfg.dry_run:
         from .preflight import dry_run
 
@@ -112,7 +111,7 @@ def check_recipe(options: List[str]) -> None:
     name = _option(options, "--config-name", "-cn")
     if name is None or _option(options, "--config-path", "-cp") is not None:
         return
-    dirs = [os.path.join(REPO, "recipes")] + [d for d in [_option(options, "--config-dir", "-cd")] if d]
+    dirs = [paths.recipes_root()] + [d for d in [_option(options, "--config-dir", "-cd")] if d]
     file = name if name.endswith(".yaml") else f"{name}.yaml"
     if any(os.path.isfile(os.path.join(d, file)) for d in dirs):
         return
@@ -158,7 +157,7 @@ def train_main(argv: List[str] | None = None) -> int:
         extra += hydra_args(overrides)
     failed: List[errors.UserError] = []
 
-    @hydra.main(config_path=os.path.join(REPO, "recipes"), config_name="smoke", version_base=None)
+    @hydra.main(config_path=paths.recipes_root(), config_name="smoke", version_base=None)
     def _main(raw) -> None:
         try:
             run_from_hydra(for_job(raw))
@@ -177,3 +176,32 @@ def train_main(argv: List[str] | None = None) -> int:
     if failed:
         raise failed[0]
     return 0
+
+
+_CHECK_RECIPE_USAGE = """Check a recipe without loading a model: its config, every stage's data specs and local sources (rows
+counted), the eval suites and the run folder. One row per dataset; exit 0 when all is fine, 2 otherwise.
+
+    nvembed-check-recipe nvembed_v2                     (python scripts/check_recipe.py ... in a checkout)
+    nvembed-check-recipe smoke stage_defs.stage1.batch_size=64
+    nvembed-check-recipe path/to/my_recipe.yaml
+
+The same as ``nvembed-train --config-name=RECIPE dry_run=true``."""
+
+
+def check_recipe_main(argv: List[str] | None = None) -> int:
+    """Entry point of ``nvembed-check-recipe`` and ``scripts/check_recipe.py``: RECIPE (a name or a YAML file
+    anywhere) then ``key=value`` overrides; a dry run."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-"):
+        print(_CHECK_RECIPE_USAGE, file=sys.stderr)
+        return 2
+    recipe, rest = argv[0], argv[1:]
+    where = []
+    if recipe.endswith(".yaml"):  # a file anywhere: Hydra finds it through an extra search directory
+        where = [f"--config-dir={os.path.dirname(os.path.abspath(recipe))}"]
+        recipe = os.path.basename(recipe)[:-len(".yaml")]
+    return train_main([f"--config-name={recipe}", *where, *rest, "dry_run=true"])
+
+
+if __name__ == "__main__":  # python -m nvembed.cli --config-name=smoke ...: the same as nvembed-train
+    sys.exit(train_main())

@@ -14,27 +14,29 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 SOURCE_ROOT = os.path.dirname(PACKAGE_DIR)
 """The folder above the ``nvembed`` package: a checkout's root (it holds ``recipes/``, ``data_specs/``, ``scripts/``)
 for an editable install; ``site-packages`` for a regular one."""
+BUNDLED = os.path.join(PACKAGE_DIR, "_bundled")
+"""Where a regular install keeps its copy of ``recipes/`` and ``data_specs/`` (put there by ``build_bundle.py`` when
+the wheel is built; a checkout has no such folder)."""
 
 
-def _bundled(name: str) -> str:
-    """``recipes`` / ``data_specs`` of this install: the checkout's folder, else the copy shipped in the wheel."""
-    in_checkout = os.path.join(SOURCE_ROOT, name)
-    if os.path.isdir(in_checkout):
-        return in_checkout
-    return os.path.join(PACKAGE_DIR, "_bundled", name)
+def bundle_root() -> str:
+    """The folder holding ``recipes/`` and ``data_specs/``: the wheel's copy when installed, else the checkout root.
+    The copy wins: a ``site-packages/recipes`` of some other distribution must not be taken for ours."""
+    return BUNDLED if os.path.isdir(BUNDLED) else SOURCE_ROOT
 
 
 def recipes_root() -> str:
     """Folder of the YAML recipes that ``--config-name`` picks from."""
-    return _bundled("recipes")
+    return os.path.join(bundle_root(), "recipes")
 
 
 def specs_root() -> str:
     """Folder that relative data-spec paths (``retrieval/demo_pairs.yaml``) and eval suites are taken from."""
-    return _bundled("data_specs")
+    return os.path.join(bundle_root(), "data_specs")
 
 
 def eval_suites_root() -> str:
+    """Folder that relative ``eval.suites`` entries are taken from."""
     return os.path.join(specs_root(), "eval")
 
 
@@ -57,10 +59,11 @@ def package_path(path: str, what: str = "path") -> str:
 
 def resolve_path(path: Optional[str], roots: Iterable[str] = ()) -> Optional[str]:
     """A path as the user typed it: absolute, ``pkg://`` or existing from the working directory as is; else the
-    first of ``roots`` (then the checkout root) where it exists; else unchanged, so the error names what was typed."""
+    first of ``roots`` (then :func:`bundle_root`, so ``recipes/assets/...`` in a recipe works installed too) where it
+    exists; else unchanged, so the error names what was typed."""
     if not path or os.path.isabs(path) or is_package_path(path) or os.path.exists(path):
         return path
-    for root in list(roots) + [SOURCE_ROOT]:
+    for root in list(roots) + [bundle_root()]:
         candidate = os.path.join(str(root), path)
         if os.path.exists(candidate):
             return candidate

@@ -5,7 +5,7 @@ the eval suites and the run folder. Prints one row per dataset; exit 0 when all 
     python scripts/check_recipe.py smoke stage_defs.stage1.batch_size=64
     python scripts/check_recipe.py path/to/my_recipe.yaml
 
-The same as ``python train/train.py --config-name=RECIPE dry_run=true``.
+The same as ``python train/train.py --config-name=RECIPE dry_run=true``; installed: ``nvembed-check-recipe``.
 """
 
 import os
@@ -13,21 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout too
 
-from nvembed.cli import train_main  # noqa: E402
-
-
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0].startswith("-"):
-        print(__doc__.strip(), file=sys.stderr)
-        return 2
-    recipe, rest = argv[0], argv[1:]
-    where = []
-    if recipe.endswith(".yaml"):  # a file anywhere: Hydra finds it through an extra search directory
-        where = [f"--config-dir={os.path.dirname(os.path.abspath(recipe))}"]
-        recipe = os.path.basename(recipe)[:-len(".yaml")]
-    return train_main([f"--config-name={recipe}", *where, *rest, "dry_run=true"])
-
+from nvembed.cli import check_recipe_main as main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,12 +18,12 @@ from typing import Any, Callable, Dict, List, Sequence
 
 import numpy as np
 
+from .. import paths
 from .example import Example
 from .spec import DataSpec, SpecError, load_spec
 from .tasks import TaskData
 
 BATCHING = ("homogeneous", "blended")
-_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _apportion(total: int, p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -178,7 +178,7 @@ def resolve_spec_path(path: str | Path, specs_root: str | Path = "data_specs") -
         return p
     candidates = [Path(specs_root) / p]
     if not Path(specs_root).is_absolute():  # also work when launched from outside the repository
-        candidates.append(_REPO_ROOT / specs_root / p)
+        candidates.append(Path(paths.bundle_root()) / specs_root / p)
     candidates.append(Path.cwd() / p)  # a user's own spec beside their data, e.g. runs/own/mined.yaml
     for c in candidates:
         if c.exists():
