@@ -7,7 +7,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from nvembed.config import ConfigError, describe, validate
+from nvembed.config import ConfigError, check_key, describe, model_from_dict, to_dict, validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,3 +68,27 @@ def test_cli_rejects_misspelled_override_before_loading(tmp_path):
     assert r.returncode == 2
     assert "model.poolin.mode" in r.stderr and "pooling" in r.stderr
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_every_described_key_is_accepted_and_a_typo_below_it_refused():
+    """check_key and describe walk the same nested types (from the annotations): dataclass fields, dicts of them
+    (``stage_defs.<name>``), lists of them (``excluded_datasets[]``)."""
+    keys = [line.split(" (", 1)[0] for line in describe().splitlines()]
+    assert {"model.lora.r", "stage_defs.<name>.batch_size", "excluded_datasets[].reason"} <= set(keys)
+    for key in keys:
+        typed = key.replace("<name>", "stage9").replace("[]", ".0")
+        check_key(typed)
+        parent, _, last = typed.rpartition(".")
+        bad = f"{parent}.{last}x" if parent else f"{last}x"
+        with pytest.raises(ConfigError) as e:
+            check_key(bad)
+        assert f"Unknown config key '{bad}'" in str(e.value) and f"Did you mean '{last}'?" in str(e.value)
+    check_key("model.random_init.any_backbone_key")  # free-form below random_init
+
+
+def test_to_dict_round_trips():
+    raw = _recipe("nvembed_v2")
+    raw.pop("defaults", None)
+    cfg = validate(raw)
+    assert validate(to_dict(cfg)) == cfg
+    assert model_from_dict(to_dict(cfg.model)) == cfg.model
