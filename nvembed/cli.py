@@ -178,8 +178,8 @@ def train_main(argv: List[str] | None = None) -> int:
     return 0
 
 
-_CHECK_RECIPE_USAGE = """Check a recipe without loading a model: its config, every stage's data specs and local sources (rows
-counted), the eval suites and the run folder. One row per dataset; exit 0 when all is fine, 2 otherwise.
+_CHECK_RECIPE_USAGE = """Check a recipe without loading a model: its config, every stage's data specs and local
+sources (rows counted), the eval suites and the run folder. One row per dataset; exit 0 when all is fine, 2 otherwise.
 
     nvembed-check-recipe nvembed_v2                     (python scripts/check_recipe.py ... in a checkout)
     nvembed-check-recipe smoke stage_defs.stage1.batch_size=64

@@ -204,7 +204,8 @@ def _field_docs(schema: type) -> Dict[str, str]:
     docs: Dict[str, str] = {}
     body = ast.parse(textwrap.dedent(inspect.getsource(schema))).body[0].body  # type: ignore[attr-defined]
     for a, b in zip(body, body[1:]):
-        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(getattr(b, "value", None), ast.Constant):
+        if (isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)
+                and isinstance(getattr(b, "value", None), ast.Constant)):
             docs[a.target.id] = " ".join(str(b.value.value).split())  # type: ignore[union-attr]
     return docs
 
