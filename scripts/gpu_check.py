@@ -101,9 +101,8 @@ def main(argv=None):
 
         acc = make_accelerator("bf16" if cuda else "fp32")  # DeepSpeed bf16: bf16 weights, fp32 master copy
         st = StageConfig(batch_size=args.batch, learning_rate=1e-5, warmup_steps=0, lr_scheduler="constant")
-        trainer = types.SimpleNamespace(accelerator=acc, embedder=emb, model=emb)
-        opt, sched = ds_utils.prepare_stage(trainer, st, total=args.warmup + args.steps)
-        model, dev = trainer.model, acc.device
+        model, opt, sched = ds_utils.prepare_stage(acc, emb, st, total=args.warmup + args.steps)
+        dev = acc.device
         assert ds_utils.zero_stage(acc) == args.zero, ds_utils.zero_stage(acc)
     else:
         emb = model = emb.to(dev)

@@ -68,9 +68,11 @@ def main(mode, out_path):
     from nvembed.losses import InfoNCELoss
     from nvembed.model import build_embedder
     from nvembed.training import deepspeed_utils as ds_utils
+    from nvembed.training.backend import DeepSpeedBackend
     from nvembed.training.collate import Collator
     from nvembed.training.gradcache import grad_cache_backward
-    from nvembed.training.trainer import Trainer, make_accelerator
+    from nvembed.training.objective import ContrastiveObjective
+    from nvembed.training.trainer import make_accelerator, train_step
 
     cfg = make_cfg()
     st = cfg.stage_defs["stage1"]
@@ -87,31 +89,31 @@ def main(mode, out_path):
     acc = make_accelerator("fp32")
     assert (acc.num_processes, acc.process_index) == (world, rank)
     local = collate(full[rank * per_rank:(rank + 1) * per_rank])
-    trainer = Trainer(cfg)
-    trainer.accelerator, trainer.embedder = acc, emb
+    objective = ContrastiveObjective(cfg.loss, st, process_index=acc.process_index, num_processes=acc.num_processes)
     res = {"mode": mode, "world": world, "rank": rank, "ref_loss": ref_loss}
 
     def loss_mean(x):
         return float(acc.reduce(x.detach().reshape(1), reduction="mean").item()) if world > 1 else float(x)
 
     if mode == "ddp":
-        trainer.model = acc.prepare_model(emb)
+        model = acc.prepare_model(emb)
         grads = lambda: {n: p.grad for n, p in emb.named_parameters() if p.requires_grad}  # noqa: E731
-        out = trainer.compute_loss(local, st, loss_fn)
+        out = objective(model, local)
         acc.backward(out.loss)
         res["plain_loss"], res["plain_grad_err"] = loss_mean(out.loss), rel_err(grads(), ref_grads)
         emb.zero_grad(set_to_none=True)
-        st.grad_cache_chunk_size = 3  # uneven chunks on purpose
-        out = grad_cache_backward(trainer, local, st, loss_fn, scale=1.0, sync=True)
+        out = grad_cache_backward(objective, model, acc, local, 3, scale=1.0, sync=True)  # uneven chunks on purpose
         res["gc_loss"], res["gc_grad_err"] = loss_mean(out.loss), rel_err(grads(), ref_grads)
         emb.zero_grad(set_to_none=True)
     else:
         from deepspeed.utils import safe_get_full_grad
 
         assert ds_utils.is_deepspeed(acc), "not running under DeepSpeed"
-        trainer.model = emb
-        optimizer, scheduler = ds_utils.prepare_stage(trainer, st, total=10)
+        backend = DeepSpeedBackend(acc, emb)
+        backend.prepare_model()
+        optimizer, scheduler = backend.prepare_stage(st, total=10)
         engine = ds_utils.engine_of(acc)
+        assert backend.model is engine
         res["zero_stage"] = ds_utils.zero_stage(acc)
         if res["zero_stage"] == 3:
             rows = ds_utils.parameter_partition(engine.module)
@@ -126,12 +128,12 @@ def main(mode, out_path):
         def ds_grads():
             return {n: safe_get_full_grad(p) for n, p in engine.module.named_parameters() if p.requires_grad}
 
-        out = trainer.compute_loss(local, st, loss_fn)
+        out = objective(engine, local)
         acc.backward(out.loss)
         res["plain_loss"], res["plain_grad_err"] = loss_mean(out.loss), rel_err(ds_grads(), ref_grads)
         ds_utils.discard_grads(acc)
-        st.grad_cache_chunk_size = 3
-        out = grad_cache_backward(trainer, local, st, loss_fn, scale=1.0, sync=True)
+        st.grad_cache_chunk_size = 3  # also for train_step below
+        out = grad_cache_backward(objective, engine, acc, local, 3, scale=1.0, sync=True)
         gg = ds_grads()
         res["gc_loss"], res["gc_grad_err"] = loss_mean(out.loss), rel_err(gg, ref_grads)
         res["gc_engine_steps"] = len(steps) - 1
@@ -152,10 +154,10 @@ def main(mode, out_path):
             def batch(self, i):
                 return examples(per_rank * world * (i + 2))[-per_rank * world:][rank * per_rank:(rank + 1) * per_rank]
 
-        trainer.model.train()
+        engine.train()
         losses = []
         for step in range(3):
-            stats = trainer.train_step(st, Data(), collate, loss_fn, optimizer, scheduler, step)
+            stats = train_step(backend, objective, st, Data(), collate, optimizer, scheduler, step)
             assert stats is not None, "non-finite step"
             losses.append(stats["loss"])
         after = ds_utils.trainable_state_dict(acc, emb)

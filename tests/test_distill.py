@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO, TINY_TOKENIZER
-from nvembed.config import RunConfig
+from nvembed.config import RunConfig, StageConfig
 from nvembed.data import build_stage_data
 from nvembed.data.example import Example
 from nvembed.data.spec import SpecError, load_spec
 from nvembed.losses import distill_kl
-from nvembed.training.trainer import Trainer
+from nvembed.training.objective import ContrastiveObjective
 
 QUIET = dict(log=lambda m: None)
 TRAIN = os.path.join(REPO, "train", "train.py")
@@ -134,16 +134,17 @@ def test_distill_kl_grads_flow_and_unscored_rows_are_left_out():
     kl.backward()
     assert kl.item() > 0 and q.grad.abs().sum() > 0 and d.grad.abs().sum() > 0
 
-    trainer = Trainer(RunConfig())
-    trainer.cfg.loss.distill_weight = 0.5
+    cfg = RunConfig()
+    cfg.loss.distill_weight = 0.5
+    objective = ContrastiveObjective(cfg.loss, StageConfig())
     q.grad = d.grad = None
     ts = torch.tensor([[2.0, 0.0], [float("nan")] * 2, [0.0, 1.0]])
-    out = trainer._distill(q, d, SimpleNamespace(teacher_scores=ts, group=2))
+    out = objective.distill(q, d, SimpleNamespace(teacher_scores=ts, group=2))
     out.backward()
     assert q.grad[1].abs().sum() == 0 and q.grad[0].abs().sum() > 0 and q.grad[2].abs().sum() > 0
     assert d.grad[2:4].abs().sum() == 0
-    assert trainer._distill(q, d, SimpleNamespace(teacher_scores=None, group=2)) is None
-    assert trainer.distill_counts == {"batches": 1, "skipped_batches": 1, "examples": 2, "unscored_examples": 4}
+    assert objective.distill(q, d, SimpleNamespace(teacher_scores=None, group=2)) is None
+    assert objective.counts.as_dict() == {"batches": 1, "skipped_batches": 1, "examples": 2, "unscored_examples": 4}
 
 
 def _train(out, spec, *extra):

@@ -1,13 +1,4 @@
-"""Run directory layout, atomic checkpoints and exact resume.
-
-Layout::
-
-    DIR/run.json                      marks the folder as an nvembed run (refuse to overwrite it)
-    DIR/config.yaml                   the validated config (secrets scrubbed)
-    DIR/<stage>/checkpoint-<step>/    weights (safetensors), optimizer.pt, scheduler.pt, rng.json (per rank), state.json,
-                                      manifest.json (written last: every file's size and sha256)
-    DIR/<stage>/final/                stage weights + state.json + manifest.json (state: complete: true)
-    DIR/final/                        exported model (transformers + sentence-transformers)
+"""Atomic checkpoints and exact resume (the run folder's layout itself: ``nvembed.rundir``).
 
 A checkpoint is written into a temporary sibling folder and renamed into place only once complete, so a run killed
 while saving leaves the previous checkpoint loadable. Resume verifies the manifest (:func:`verify`): a newest
@@ -24,7 +15,6 @@ import hashlib
 import json
 import os
 import random
-import re
 import shutil
 import sys
 import time
@@ -34,17 +24,9 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-
-STATE = "state.json"
-MANIFEST = "manifest.json"
-RUN_MARKER = "run.json"
-_CKPT = re.compile(r"^checkpoint-(\d+)$")
-
-
-class RunDirError(UserError, RuntimeError):
-    """The output folder cannot be used as asked (it holds another run, or no run to resume)."""
-
-    kind = "run folder"
+# the layout's names and readers live in rundir; re-exported here for the callers of checkpoint
+from ..rundir import (CONFIG, FINAL, MANIFEST, RUN_MARKER, STATE, WEIGHTS, RunDir, RunDirError,  # noqa: F401
+                      checkpoints, read_state)
 
 
 class DiskFullError(UserError, OSError):
@@ -60,14 +42,14 @@ def warn(msg: str) -> None:
 
 def guard_output_dir(output_dir: str, resume: bool) -> None:
     """Refuse to start a fresh run on top of an existing one."""
-    marker = os.path.join(output_dir, RUN_MARKER)
+    marker = RunDir(output_dir).marker
     if resume:
         if not os.path.isfile(marker):
             raise RunDirError(f"resume=true but {output_dir} holds no nvembed run (no {RUN_MARKER}); "
                               f"start without resume=true")
         return
     if os.path.isfile(marker) or (os.path.isdir(output_dir) and any(
-            n in os.listdir(output_dir) for n in ("metrics.jsonl", "final", "config.yaml"))):
+            n in os.listdir(output_dir) for n in ("metrics.jsonl", FINAL, CONFIG))):
         raise RunDirError(f"output_dir {output_dir} already holds a run; pass resume=true to continue it, "
                           f"or choose a new output_dir. Nothing was changed.")
 
@@ -118,7 +100,7 @@ def check_resume_config(output_dir: str, new: Dict[str, Any], resume_changes: Li
     if bad_opt:
         raise ConfigError(f"resume_changes names {', '.join(bad_opt)}: a resume can only apply new values of "
                           f"{', '.join(p.replace('*', '<stage>') for p in RESUME_OPT_IN)}")
-    path = os.path.join(output_dir, "config.yaml")
+    path = RunDir(output_dir).config
     if not os.path.isfile(path):
         return []
     saved = _flatten(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
@@ -169,30 +151,6 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
-
-
-# ---- checkpoints -------------------------------------------------------------------------------------------------
-WEIGHTS = "model.safetensors"  # nvembed.model.embedder.WEIGHTS (not imported: that pulls in transformers)
-
-
-def checkpoints(stage_dir: str) -> List[str]:
-    """Every ``checkpoint-N`` folder of a stage, oldest first, complete or not (see :func:`verify`)."""
-    if not os.path.isdir(stage_dir):
-        return []
-    found = []
-    for name in os.listdir(stage_dir):
-        m = _CKPT.match(name)
-        if m and os.path.isdir(os.path.join(stage_dir, name)):
-            found.append((int(m.group(1)), os.path.join(stage_dir, name)))
-    return [p for _, p in sorted(found)]
-
-
-def read_state(folder: str) -> Optional[Dict[str, Any]]:
-    path = os.path.join(folder, STATE)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 # ---- manifest: written last, verified on resume --------------------------------------------------------------------
@@ -255,7 +213,7 @@ def find_resume_point(stage_dir: str) -> Optional[str]:
     ``None`` when it has neither (the stage starts from its beginning). Broken folders met on the way are named in a
     warning and skipped; a stage that has saved folders but no complete one is a :class:`RunDirError`."""
     broken: List[Tuple[str, str]] = []
-    for folder in [os.path.join(stage_dir, "final")] + checkpoints(stage_dir)[::-1]:
+    for folder in [os.path.join(stage_dir, FINAL)] + checkpoints(stage_dir)[::-1]:
         if not os.path.isdir(folder):
             continue
         why = verify(folder)

@@ -1,4 +1,4 @@
-"""DeepSpeed (ZeRO-1/2/3, offload) glue for the trainer, used only when accelerate runs under DeepSpeed.
+"""DeepSpeed (ZeRO-1/2/3, offload) glue behind ``backend.DeepSpeedBackend``, used only under DeepSpeed.
 
 Launch: ``accelerate launch --config_file recipes/accelerate/zero3.yaml train/train.py ...`` (see
 ``recipes/accelerate/README.md``). Every function here is a no-op / plain fallback without DeepSpeed.
@@ -63,13 +63,6 @@ def engine_of(acc):
 
 
 # ---- model / optimizer --------------------------------------------------------------------------------------------
-def prepare_model(acc, embedder):
-    """Setup-time model preparation: DeepSpeed wraps model and optimizer together, in the first stage."""
-    if is_deepspeed(acc):
-        return embedder.to(acc.device)
-    return acc.prepare_model(embedder)
-
-
 @contextlib.contextmanager
 def model_init_context(acc):
     """Build the model under DeepSpeed's ``zero.Init`` only where the accelerate config asks for it
@@ -110,19 +103,19 @@ def _same_module_calls_on_every_rank(acc, embedder) -> None:
         embedder.fixed_bucket_count = True
 
 
-def prepare_stage(trainer, st, total: int):
-    """(optimizer, scheduler) for a stage under DeepSpeed; builds the engine on first use, else resets it."""
+def prepare_stage(acc, embedder, st, total: int, optimizer=None):
+    """(model, optimizer, scheduler) for a stage under DeepSpeed. ``optimizer``: the one an earlier stage returned
+    (None in the first): the engine is built on first use, else its optimizer state is reset in place."""
     from accelerate.utils import DeepSpeedSchedulerWrapper
     from transformers import get_scheduler
 
-    acc = trainer.accelerator
     engine = engine_of(acc)
     if engine is None:
-        _fill_config(acc, trainer.embedder, st)
-        _same_module_calls_on_every_rank(acc, trainer.embedder)
-        params = [p for p in trainer.embedder.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=st.learning_rate, weight_decay=st.weight_decay)
-        trainer.model, trainer._ds_optimizer = acc.prepare(trainer.embedder, optimizer)
+        _fill_config(acc, embedder, st)
+        _same_module_calls_on_every_rank(acc, embedder)
+        params = [p for p in embedder.parameters() if p.requires_grad]
+        _, optimizer = acc.prepare(embedder, torch.optim.AdamW(params, lr=st.learning_rate,
+                                                               weight_decay=st.weight_decay))
         engine = engine_of(acc)
     zero_opt = engine.optimizer
     inner = getattr(zero_opt, "optimizer", zero_opt)
@@ -142,9 +135,9 @@ def prepare_stage(trainer, st, total: int):
     # passed to accelerate.prepare would not be: accelerate would step it num_processes times per step)
     sched = get_scheduler(st.lr_scheduler, inner, num_warmup_steps=st.warmup_steps, num_training_steps=total)
     engine.lr_scheduler = sched
-    scheduler = DeepSpeedSchedulerWrapper(sched, trainer._ds_optimizer)
+    scheduler = DeepSpeedSchedulerWrapper(sched, optimizer)
     acc._schedulers = [s for s in acc._schedulers if not isinstance(s, DeepSpeedSchedulerWrapper)] + [scheduler]
-    return trainer._ds_optimizer, scheduler
+    return engine, optimizer, scheduler
 
 
 def discard_grads(acc) -> None:
@@ -196,11 +189,6 @@ def trainable_state_dict(acc, embedder) -> Dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in embedder.trainable_state_dict().items()}
 
 
-def export_context(acc, model):
-    """Context for the final export: all parameters gathered under ZeRO-3 (enter on every rank)."""
-    return gathered(acc, acc.unwrap_model(model).parameters())
-
-
 def load_weights(acc, embedder, folder: str) -> None:
     """``Embedder.load_weights`` that also works on ZeRO-3 partitioned parameters (call on every rank)."""
     params = [p for p in embedder.parameters() if hasattr(p, "ds_id")]
@@ -225,17 +213,16 @@ def _estimate_bytes(acc, embedder, weights) -> int:
     return ckpt.estimate_bytes(weights, None, extra=module + 12 * trainable)
 
 
-def save(trainer, folder: str, optimizer, state: Dict[str, Any]) -> None:
+def save(acc, embedder, folder: str, optimizer, state: Dict[str, Any]) -> None:
     """Atomic checkpoint under DeepSpeed (every rank calls it): the trainer's protocol with the sharded state. No
     pruning: the trainer prunes once the checkpoint has proved good."""
     from . import checkpoint as ckpt
     from .distributed import on_main
 
-    acc = trainer.accelerator
     parent = os.path.dirname(folder.rstrip("/"))
     tmp = os.path.join(parent, f".tmp-{os.path.basename(folder)}-ds")
-    weights = trainable_state_dict(acc, trainer.embedder)  # a collective under ZeRO-3
-    need = _estimate_bytes(acc, trainer.embedder, weights)
+    weights = trainable_state_dict(acc, embedder)  # a collective under ZeRO-3
+    need = _estimate_bytes(acc, embedder, weights)
 
     def prepare():
         os.makedirs(parent, exist_ok=True)
@@ -250,7 +237,7 @@ def save(trainer, folder: str, optimizer, state: Dict[str, Any]) -> None:
             acc.save_state(os.path.join(tmp, DS_DIR))
         acc.wait_for_everyone()  # every rank's shards are on disk before the manifest lists them
         if acc.is_main_process:
-            trainer.embedder.save_weights(tmp, weights)
+            embedder.save_weights(tmp, weights)
             ckpt.write_json_atomic(os.path.join(tmp, ckpt.STATE), dict(state, saved_at=time.time(), deepspeed=True))
             ckpt.write_manifest(tmp)
             ckpt.publish(tmp, folder)
@@ -286,7 +273,7 @@ class SafeCheckpointEngine:
             raise RunDirError(f"cannot load DeepSpeed checkpoint file {path} safely: {type(e).__name__}: {e}") from e
 
 
-def load(trainer, folder: str) -> Dict[str, Any]:
+def load(acc, embedder, folder: str) -> Dict[str, Any]:
     """Resume from a checkpoint written by :func:`save` (every rank calls it; verified by the caller)."""
     from . import checkpoint as ckpt
 
@@ -295,15 +282,15 @@ def load(trainer, folder: str) -> Dict[str, Any]:
         raise ckpt.RunDirError(f"{folder} is not a complete checkpoint (no {ckpt.STATE})")
     ds_dir = os.path.join(folder, DS_DIR)
     if os.path.isdir(ds_dir):
-        engine = engine_of(trainer.accelerator)
+        engine = engine_of(acc)
         inner = engine.checkpoint_engine
         engine.checkpoint_engine = SafeCheckpointEngine(inner)
         try:
-            trainer.accelerator.load_state(ds_dir)
+            acc.load_state(ds_dir)
         finally:
             engine.checkpoint_engine = inner
     else:  # a checkpoint written without DeepSpeed: weights only, fresh optimizer
-        load_weights(trainer.accelerator, trainer.embedder, folder)
+        load_weights(acc, embedder, folder)
     return state
 
 

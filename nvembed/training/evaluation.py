@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 
-from ..cli import resolve_path
-from . import deepspeed_utils as ds_utils
+from ..paths import eval_suites_root, package_path, resolve_path
+from ..rundir import RunDir
 
 
 class EmbedderEncoder:
@@ -34,8 +34,7 @@ class EmbedderEncoder:
 
 
 def _suites(cfg) -> List[str]:
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                        "data_specs", "eval")
+    root = eval_suites_root()
     out = []
     for s in cfg.eval.suites:
         p = s if os.path.isabs(s) or os.path.exists(s) else os.path.join(root, s)
@@ -99,103 +98,104 @@ def _labels(label: str, cfg) -> Dict[Any, str]:
     return {None: label, **{int(d): f"{label}@{int(d)}" for d in cfg.eval.truncate_dims}}
 
 
-def maybe_evaluate(trainer, label: str) -> Optional[Dict[str, Any]]:
-    cfg = trainer.cfg
-    if not cfg.eval.enabled:
-        return None
-    acc = trainer.accelerator
-    folder = os.path.join(trainer.out, "eval")
-    labels = _labels(label, cfg)
-    paths = {d: os.path.join(folder, f"{lab}.json") for d, lab in labels.items()}
-    result = results = None
-    # a resumed run reuses what was measured; truncations added later are measured then
-    if all(os.path.isfile(p) for p in paths.values()):
-        with open(paths[None]) as f:
-            result = json.load(f)
-    elif acc.is_main_process or ds_utils.sharded(acc, trainer.embedder):
-        # ZeRO-3: every forward gathers weights from all ranks, so every rank encodes (the same texts); rank 0 writes
-        trainer._log_line(f"evaluating ({label})")
-        enc = EmbedderEncoder(acc.unwrap_model(trainer.model), label, cfg.eval.max_length, acc.autocast)
-        dims = [d for d in labels if d is not None]
-        results = _run_suites(enc, cfg, None, dims) if dims else {None: _run_suites(enc, cfg, None)}
-    if results is not None and acc.is_main_process:
-        os.makedirs(folder, exist_ok=True)
-        for d, res in results.items():
-            res["model"] = labels[d]
-            if os.path.isfile(paths[d]):
-                continue
-            with open(paths[d] + ".tmp", "w") as f:
-                json.dump(res, f, indent=2)
-            os.replace(paths[d] + ".tmp", paths[d])
-            trainer._log_line(f"{labels[d]}: average {res['average']} ({res['seconds']:.0f}s)")
-            prefix = "eval" if d is None else f"eval@{d}"
-            trainer.tracker.log({"event": "eval", "label": labels[d], "global_step": trainer.global_step,
-                                 **{f"{prefix}/{k}": v for k, v in res["average"].items()}})
-        with open(paths[None]) as f:
-            result = json.load(f)
-    acc.wait_for_everyone()
-    return result
+class Evaluation:
+    """The training run's evaluation hook: ``evaluate(label, step)`` before the first stage and after each stage,
+    ``report()`` at the end. Built with what it needs; it never sees the trainer.
 
+    ``model``: the Embedder being trained (encoded through its ``encode``); ``sharded``: whether its forwards are
+    collectives every rank must join (ZeRO-3), asked at each evaluation; ``log``: one-line progress messages."""
 
-def _baseline(trainer, spec: str) -> Dict[str, Any]:
-    from ..eval.encoders import load_encoder
+    def __init__(self, cfg, run: RunDir, *, accelerator, model, sharded: Callable[[], bool], tracker,
+                 log: Callable[[str], None]):
+        self.cfg, self.run, self.acc, self.model = cfg, run, accelerator, model
+        self.sharded, self.tracker, self.log = sharded, tracker, log
 
-    name, _, target = spec.partition("=") if "=" in spec else ("", "", spec)
-    spec = target
-    if not name:
-        name = "bm25" if spec.lower() == "bm25" else os.path.basename(os.path.normpath(spec))
-    if name in ("model", ""):
-        name = os.path.basename(os.path.dirname(os.path.normpath(spec)))
-    path = os.path.join(trainer.out, "eval", f"baseline_{name}.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f)
-    trainer._log_line(f"evaluating reference {name}")
-    enc = load_encoder(resolve_baseline(spec), name=name)
-    with torch.no_grad():
-        result = _run_suites(enc, trainer.cfg, None)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    return result
+    def evaluate(self, label: str, step: int) -> Optional[Dict[str, Any]]:
+        cfg, acc = self.cfg, self.acc
+        if not cfg.eval.enabled:
+            return None
+        labels = _labels(label, cfg)
+        paths = {d: self.run.eval_file(lab) for d, lab in labels.items()}
+        result = results = None
+        # a resumed run reuses what was measured; truncations added later are measured then
+        if all(os.path.isfile(p) for p in paths.values()):
+            with open(paths[None]) as f:
+                result = json.load(f)
+        elif acc.is_main_process or self.sharded():
+            # ZeRO-3: every forward gathers weights from all ranks, so every rank encodes (the same texts); rank 0
+            # writes
+            self.log(f"evaluating ({label})")
+            enc = EmbedderEncoder(self.model, label, cfg.eval.max_length, acc.autocast)
+            dims = [d for d in labels if d is not None]
+            results = _run_suites(enc, cfg, None, dims) if dims else {None: _run_suites(enc, cfg, None)}
+        if results is not None and acc.is_main_process:
+            os.makedirs(self.run.eval_dir, exist_ok=True)
+            for d, res in results.items():
+                res["model"] = labels[d]
+                if os.path.isfile(paths[d]):
+                    continue
+                with open(paths[d] + ".tmp", "w") as f:
+                    json.dump(res, f, indent=2)
+                os.replace(paths[d] + ".tmp", paths[d])
+                self.log(f"{labels[d]}: average {res['average']} ({res['seconds']:.0f}s)")
+                prefix = "eval" if d is None else f"eval@{d}"
+                self.tracker.log({"event": "eval", "label": labels[d], "global_step": step,
+                                  **{f"{prefix}/{k}": v for k, v in res["average"].items()}})
+            with open(paths[None]) as f:
+                result = json.load(f)
+        acc.wait_for_everyone()
+        return result
+
+    def _baseline(self, spec: str) -> Dict[str, Any]:
+        from ..eval.encoders import load_encoder
+
+        name, _, target = spec.partition("=") if "=" in spec else ("", "", spec)
+        spec = target
+        if not name:
+            name = "bm25" if spec.lower() == "bm25" else os.path.basename(os.path.normpath(spec))
+        if name in ("model", ""):
+            name = os.path.basename(os.path.dirname(os.path.normpath(spec)))
+        path = self.run.eval_file(f"baseline_{name}")
+        if os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f)
+        self.log(f"evaluating reference {name}")
+        enc = load_encoder(resolve_baseline(spec), name=name)
+        with torch.no_grad():
+            result = _run_suites(enc, self.cfg, None)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+        return result
+
+    def report(self) -> Optional[str]:
+        """Print and save the table (main process): reference rows, untrained, after each stage."""
+        cfg = self.cfg
+        if not cfg.eval.enabled or not self.acc.is_main_process:
+            return None
+        from ..eval.suite import format_results_table, write_bar_chart
+
+        folder = self.run.eval_dir
+        rows: Dict[str, Any] = {}
+        for spec in cfg.eval.baselines:
+            res = self._baseline(spec)
+            rows[res["model"]] = res
+        for base in ["untrained"] + [f"after_{s}" for s in cfg.stages]:
+            for label in _labels(base, cfg).values():  # each label, then its truncations (label@d)
+                p = self.run.eval_file(label)
+                if os.path.isfile(p):
+                    with open(p) as f:
+                        rows[label] = json.load(f)
+        table = format_results_table(rows)
+        with open(os.path.join(folder, "results.json"), "w") as f:
+            json.dump(rows, f, indent=2)
+        with open(os.path.join(folder, "results.md"), "w") as f:
+            f.write(table + "\n")
+        write_bar_chart(rows, os.path.join(folder, "results.png"), title="nvembed demo: main score per task (x100)")
+        print("\n" + table + "\n", flush=True)
+        self.log(f"results: {os.path.join(folder, 'results.md')} (+ .json, .png)")
+        return table
 
 
 def resolve_baseline(spec: str) -> str:
     """``bm25``, a folder, or ``pkg://package/sub/folder`` inside an installed package."""
-    if spec.startswith("pkg://"):
-        import importlib.util
-
-        package, _, rel = spec[len("pkg://"):].partition("/")
-        found = importlib.util.find_spec(package)
-        if found is None or not found.submodule_search_locations:
-            raise FileNotFoundError(f"eval.baselines: package '{package}' is not installed")
-        return os.path.join(list(found.submodule_search_locations)[0], rel)
-    return resolve_path(spec)
-
-
-def write_report(trainer) -> Optional[str]:
-    """Print and save the table: reference rows, untrained, after each stage."""
-    cfg = trainer.cfg
-    if not cfg.eval.enabled or not trainer.accelerator.is_main_process:
-        return None
-    from ..eval.suite import format_results_table, write_bar_chart
-
-    folder = os.path.join(trainer.out, "eval")
-    rows: Dict[str, Any] = {}
-    for spec in cfg.eval.baselines:
-        res = _baseline(trainer, spec)
-        rows[res["model"]] = res
-    for base in ["untrained"] + [f"after_{s}" for s in cfg.stages]:
-        for label in _labels(base, cfg).values():  # each label, then its truncations (label@d)
-            p = os.path.join(folder, f"{label}.json")
-            if os.path.isfile(p):
-                with open(p) as f:
-                    rows[label] = json.load(f)
-    table = format_results_table(rows)
-    with open(os.path.join(folder, "results.json"), "w") as f:
-        json.dump(rows, f, indent=2)
-    with open(os.path.join(folder, "results.md"), "w") as f:
-        f.write(table + "\n")
-    write_bar_chart(rows, os.path.join(folder, "results.png"), title="nvembed demo: main score per task (x100)")
-    print("\n" + table + "\n", flush=True)
-    trainer._log_line(f"results: {os.path.join(folder, 'results.md')} (+ .json, .png)")
-    return table
+    return package_path(resolve_path(spec), what="eval.baselines")

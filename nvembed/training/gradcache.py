@@ -1,7 +1,7 @@
 """GradCache (Gao et al. 2021, arXiv 2101.06983): the contrastive loss of a big batch with the memory of a chunk.
 
 Pass 1 embeds queries and documents chunk by chunk without a graph, recording the RNG state before each chunk. The
-loss (with the cross-device all-gather of ``Trainer.compute_loss``) is computed on the detached embeddings and
+loss (with the cross-device all-gather of ``ContrastiveObjective.loss``) is computed on the detached embeddings and
 differentiated w.r.t. them only. Pass 2 re-runs each chunk with a graph under the recorded RNG state (so dropout
 masks are the same as in pass 1) and back-propagates the surrogate ``sum(emb * d loss/d emb) * scale``, whose
 parameter gradient is exactly the chunk's share of d loss/d params.
@@ -69,15 +69,15 @@ def _embed_no_grad(model, chunks, autocast, device) -> Tuple[torch.Tensor, List[
     return torch.cat(embs, dim=0), states
 
 
-def grad_cache_backward(trainer, batch, st, loss_fn, scale: float = 1.0, sync: bool = True) -> LossOutput:
-    """Loss and accumulated gradients of one micro-batch, computed in chunks of ``st.grad_cache_chunk_size`` texts.
+def grad_cache_backward(objective, model, acc, batch, chunk: int, scale: float = 1.0,
+                        sync: bool = True) -> LossOutput:
+    """Loss and accumulated gradients of one micro-batch, computed in chunks of ``chunk`` texts.
 
-    ``sync``: this micro-batch ends the optimizer step (DDP all-reduces / DeepSpeed steps after its last chunk).
-    Returns the (detached) loss; a non-finite loss on any process skips pass 2 on every process.
+    ``objective``: the stage's :class:`~nvembed.training.objective.ContrastiveObjective`; ``model``: the prepared
+    (DDP / DeepSpeed) model; ``acc``: the accelerator. ``sync``: this micro-batch ends the optimizer step (DDP
+    all-reduces / DeepSpeed steps after its last chunk). Returns the (detached) loss; a non-finite loss on any process
+    skips pass 2 on every process.
     """
-    acc = trainer.accelerator
-    model = trainer.model
-    chunk = st.grad_cache_chunk_size
     device = batch.queries["input_ids"].device
     # chunks of similar length (rows sorted by length): each is padded only to its own longest text, and the
     # model's length bucketing finds nothing left to split into (tiny sub-batches would cost a call each)
@@ -93,7 +93,7 @@ def grad_cache_backward(trainer, batch, st, loss_fn, scale: float = 1.0, sync: b
 
     # loss on the cached embeddings (cross-device gather included), gradient w.r.t. the embeddings only
     with acc.autocast():
-        out = trainer.compute_loss(batch, st, loss_fn, q=q, d=d)
+        out = objective.loss(q, d, batch)
     finite = torch.isfinite(out.loss.detach()).float().reshape(1)
     if acc.num_processes > 1:
         finite = acc.reduce(finite, reduction="sum")

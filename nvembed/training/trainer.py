@@ -1,8 +1,9 @@
 """The training loop: stages in sequence on accelerate, with checkpoints, exact resume and metrics.
 
 Deliberately not a fork of HF Trainer: one loop, readable top to bottom. What changes per concept lives elsewhere
-(model: ``nvembed.model``; loss: ``nvembed.losses``; data: ``nvembed.data``; checkpoints: ``checkpoint.py``;
-GradCache: ``gradcache.py``; metrics: ``tracking.py``).
+(model: ``nvembed.model``; the loss of a batch: ``objective.py``; plain vs DeepSpeed preparing, stepping, saving and
+loading: ``backend.py``; evaluation: ``evaluation.py``; the run folder: ``nvembed.rundir``; checkpoints:
+``checkpoint.py``; GradCache: ``gradcache.py``; metrics: ``tracking.py``). Only this file knows the Trainer.
 """
 
 from __future__ import annotations
@@ -12,19 +13,22 @@ import math
 import os
 import time
 import zlib
-from typing import Any, Dict, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
 
 import torch
 from omegaconf import OmegaConf
 
 from ..config import RunConfig, StageConfig, to_dict
 from ..errors import UserError
-from ..losses import InfoNCELoss, LossOutput, MatryoshkaLoss, distill_kl
 from ..preflight import load_stage, load_stages
+from ..rundir import RunDir
 from . import checkpoint as ckpt
 from . import deepspeed_utils as ds_utils
-from .collate import Batch, Collator
-from .distributed import all_gather_no_grad, all_gather_with_grad, on_main, sync_context
+from .backend import make_backend
+from .collate import Collator
+from .distributed import on_main, sync_context
+from .objective import ContrastiveObjective
 from .tracking import Tracker, plot_loss_curves, scrub
 
 
@@ -81,9 +85,19 @@ WEIGHT_BLOWUP = 1e3
 """Trainable weights whose norm grows this many times within a stage have exploded (divergence, not learning)."""
 
 
-def _new_distill_counts() -> Dict[str, Any]:
-    """Distillation bookkeeping of this process: micro-batches with / without a KL term, examples in / out of it."""
-    return {"batches": 0, "skipped_batches": 0, "examples": 0, "unscored_examples": 0}
+@dataclass
+class _StageProgress:
+    """What the step loop of one stage keeps between steps."""
+
+    start_norm: float
+    """Trainable weights' norm at the start: weights that outgrow it WEIGHT_BLOWUP-fold have exploded."""
+    bad: int = 0
+    """Non-finite steps in a row up to now."""
+    skipped: int = 0
+    """Non-finite (skipped) steps in this launch."""
+    unproven: Optional[str] = None
+    """Newest checkpoint whose weights have not yet given a finite loss: never prune for it."""
+    losses: List[float] = field(default_factory=list)
 
 
 class Trainer:
@@ -91,11 +105,13 @@ class Trainer:
         self.cfg = cfg
         self.specs_root = specs_root
         self.out = cfg.output_dir
+        self.run_dir = RunDir(cfg.output_dir)
         self.accelerator = None
         self.embedder = None
+        self.backend = None  # PlainBackend / DeepSpeedBackend, chosen once in setup
+        self.evaluation = None
         self.tracker: Optional[Tracker] = None
         self.global_step = 0
-        self.distill_counts = _new_distill_counts()
         self._data: Dict[str, Any] = {}  # each stage's data, loaded and checked in setup before the model
         self._resume_from: Dict[str, Optional[str]] = {}  # stage -> verified folder it resumes from (resume=true)
 
@@ -104,6 +120,7 @@ class Trainer:
         from accelerate.utils import set_seed
 
         from ..model import build_embedder
+        from .evaluation import Evaluation  # local: evaluation pulls in sklearn/scipy
 
         acc = self.accelerator = make_accelerator(self.cfg.precision)
         ds_utils.check_compile(acc, self.cfg.model.compile)  # before anything is written
@@ -116,57 +133,58 @@ class Trainer:
         resume_after = self._resume_points() if self.cfg.resume else None
         # every stage's data is read and checked before the model loads and before the run folder is marked: a bad
         # stage-2 spec fails in seconds, not after stage 1, and a retry with the same output_dir works
-        done = [n for n, src in self._resume_from.items() if src == os.path.join(self.out, n, "final")]
+        done = [n for n, src in self._resume_from.items() if src == self.run_dir.stage_final(n)]
         self._data = load_stages(self.cfg, self.specs_root, process_index=acc.process_index,
                                  num_processes=acc.num_processes, log=self._log_line, skip=done)
         set_seed(self.cfg.seed)
         with ds_utils.model_init_context(acc):
             self.embedder = build_embedder(self.cfg.model, seed=self.cfg.seed)
+        self.backend = make_backend(acc, self.embedder)
         if self.cfg.init_from:
-            ds_utils.load_weights(acc, self.embedder, self.cfg.init_from)  # zero3_init_flag: already partitioned
-        self.model = ds_utils.prepare_model(acc, self.embedder)  # DeepSpeed: engine built in the first stage
+            self.backend.load_weights(self.cfg.init_from)  # zero3_init_flag: already partitioned
+        self.backend.prepare_model()  # DeepSpeed: engine built in the first stage
         if acc.is_main_process:
             os.makedirs(self.out, exist_ok=True)
             plain = scrub(to_dict(self.cfg))
-            OmegaConf.save(OmegaConf.create(plain), os.path.join(self.out, "config.yaml"))
-            if not os.path.isfile(os.path.join(self.out, ckpt.RUN_MARKER)):
-                ckpt.write_json_atomic(os.path.join(self.out, ckpt.RUN_MARKER),
+            OmegaConf.save(OmegaConf.create(plain), self.run_dir.config)
+            if not self.run_dir.is_run():
+                ckpt.write_json_atomic(self.run_dir.marker,
                                        {"nvembed": True, "stages": list(self.cfg.stages), "started": time.time()})
         self.tracker = Tracker(self.out, self.cfg.logging, scrub(to_dict(self.cfg)), enabled=acc.is_main_process,
                                resume_after=resume_after)
+        self.evaluation = Evaluation(self.cfg, self.run_dir, accelerator=acc, model=self.embedder,
+                                     sharded=self.backend.sharded, tracker=self.tracker, log=self._log_line)
 
     def _resume_points(self) -> Dict[str, int]:
         """Step each stage resumes at, from verified folders (:func:`checkpoint.find_resume_point`: broken ones are
         named and skipped). Decided once on the main process and shared, so every rank loads the same checkpoint and
         an error stops every rank."""
         self._resume_from = on_main(
-            self.accelerator, lambda: {name: ckpt.find_resume_point(os.path.join(self.out, name))
+            self.accelerator, lambda: {name: ckpt.find_resume_point(self.run_dir.stage(name))
                                        for name in self.cfg.stages}, ckpt.RunDirError)
         return {name: (ckpt.read_state(src)["step"] if src else 0) for name, src in self._resume_from.items()}
 
     # ---- the run -------------------------------------------------------------------------------------------------
     def run(self) -> Dict[str, Any]:
         self.setup()
-        from .evaluation import maybe_evaluate, write_report  # local: evaluation pulls in sklearn/scipy
-
-        maybe_evaluate(self, "untrained")
+        acc = self.accelerator
+        self.evaluation.evaluate("untrained", self.global_step)
         for name in self.cfg.stages:
             self.run_stage(name)
-            maybe_evaluate(self, f"after_{name}")
+            self.evaluation.evaluate(f"after_{name}", self.global_step)
         result = {"output_dir": self.out}
-        if self.accelerator.is_main_process:
+        if acc.is_main_process:
             plot_loss_curves(self.out)
-            result["table"] = write_report(self)
+            result["table"] = self.evaluation.report()
         if self.cfg.export_final:
             from ..export import export_model
 
-            self.accelerator.wait_for_everyone()
-            with ds_utils.export_context(self.accelerator, self.model):  # ZeRO-3: full weights for the export
-                if self.accelerator.is_main_process:
-                    export_model(self.accelerator.unwrap_model(self.model), os.path.join(self.out, "final"),
-                                 self.cfg)
-            result["final"] = os.path.join(self.out, "final")
-        self.accelerator.wait_for_everyone()
+            acc.wait_for_everyone()
+            with self.backend.full_weights() as model:  # ZeRO-3: full weights for the export
+                if acc.is_main_process:
+                    export_model(model, self.run_dir.final, self.cfg)
+            result["final"] = self.run_dir.final
+        acc.wait_for_everyone()
         self.tracker.close()
         return result
 
@@ -184,85 +202,85 @@ class Trainer:
 
     def run_stage(self, name: str) -> None:
         from accelerate.utils import set_seed
-        from transformers import get_scheduler
 
-        st = self.cfg.stage_defs[name]
-        acc = self.accelerator
-        stage_dir = os.path.join(self.out, name)
-        final_dir = os.path.join(stage_dir, "final")
+        st, acc, final_dir = self.cfg.stage_defs[name], self.accelerator, self.run_dir.stage_final(name)
         source = self._resume_from.get(name) if self.cfg.resume else None
         if source == final_dir:
             # finished earlier: its weights are the starting point of the next stage
-            ds_utils.load_weights(acc, self.embedder, final_dir)
+            self.backend.load_weights(final_dir)
             self.global_step = ckpt.read_state(final_dir)["global_step"]
             self._log_line(f"{name}: already complete, skipped")
             return
         data = self._stage_data(st, name)
         total = st.max_steps or max(1, math.ceil(st.epochs * data.steps_per_epoch / st.gradient_accumulation_steps))
-        if ds_utils.is_deepspeed(acc):  # engine (first stage) or fresh optimizer state on it (later stages)
-            optimizer, scheduler = ds_utils.prepare_stage(self, st, total)
-        else:
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(params, lr=st.learning_rate, weight_decay=st.weight_decay)
-            scheduler = get_scheduler(st.lr_scheduler, optimizer, num_warmup_steps=st.warmup_steps,
-                                      num_training_steps=total)
-            optimizer, scheduler = acc.prepare(optimizer, scheduler)
+        # DeepSpeed: engine (first stage) or fresh optimizer state on it (later stages)
+        optimizer, scheduler = self.backend.prepare_stage(st, total)
         # per-stage seed (after the DeepSpeed engine is built, which draws random numbers): dropout is then the same
         # under any launcher and for a stage run alone; a resume below restores the saved RNG states instead
         set_seed((self.cfg.seed + zlib.crc32(name.encode())) % 2**32)
-        start = 0
         if acc.is_main_process:
-            ckpt.clean_temporaries(stage_dir)
-        if source is not None:
-            if ds_utils.is_deepspeed(acc):
-                state = ds_utils.load(self, source)
-            else:
-                state = ckpt.load_checkpoint(source, embedder=self.embedder, optimizer=optimizer.optimizer,
-                                             scheduler=scheduler.scheduler, rank=acc.process_index)
-            start, self.global_step = state["step"], state["global_step"]
-            self._log_line(f"{name}: resumed from {source} at step {start}/{total}")
-            sched = scheduler.scheduler  # the LambdaLR (plain or DeepSpeed), built on the optimizer it steps
-            if ckpt.rebase_schedule(sched.optimizer, sched, st.learning_rate, st.weight_decay):
-                self._log_line(f"{name}: learning rate {st.learning_rate:g} (weight decay {st.weight_decay:g}) from "
-                               f"the config in force from step {start + 1} (resume_changes); lr now "
-                               f"{sched.get_last_lr()[0]:.3g}")
+            ckpt.clean_temporaries(self.run_dir.stage(name))
+        start = 0 if source is None else self._resume(name, st, source, optimizer, scheduler, total)
         collator = Collator(self.embedder.tokenizer, self.cfg.model.query_template, st.query_max_length,
                             st.doc_max_length, st.num_hard_negatives, self.cfg.model.add_eos,
                             self.cfg.model.pooling.exclude_instruction)
-        loss_fn = InfoNCELoss(self.cfg.loss.temperature, st.in_batch_negatives, self.cfg.loss.mask_false_negatives)
-        if self.cfg.loss.matryoshka_dims:
-            loss_fn = MatryoshkaLoss(loss_fn, self.cfg.loss.matryoshka_dims)
+        objective = ContrastiveObjective(self.cfg.loss, st, process_index=acc.process_index,
+                                         num_processes=acc.num_processes)
         self._log_line(f"{name}: {total} steps x {st.batch_size} queries x {acc.num_processes} processes "
                        f"x {st.gradient_accumulation_steps} accumulation, {st.num_hard_negatives} hard negatives, "
                        f"in-batch negatives {'on' if st.in_batch_negatives else 'off'}; data: {data.stats}")
+        stage_t0 = time.time()
+        progress = self._train_steps(name, st, data, collator, objective, optimizer, scheduler, start, total)
+        if progress.bad:
+            self._log_line(f"{name}: WARNING the last {progress.bad} steps had non-finite losses; final weights are "
+                           f"those of step {total - progress.bad}")
+        self._check_weights(name, st, total, progress.start_norm)
+        self.backend.save(final_dir, None, None, {"stage": name, "step": total, "global_step": self.global_step,
+                                                  "total_steps": total, "complete": True})
+        self._summarize(name, data, objective, progress, total - start, time.time() - stage_t0)
+
+    def _resume(self, name: str, st: StageConfig, source: str, optimizer, scheduler, total: int) -> int:
+        """Load a verified checkpoint of the stage; returns the step it continues from."""
+        state = self.backend.load(source, optimizer, scheduler)
+        start, self.global_step = state["step"], state["global_step"]
+        self._log_line(f"{name}: resumed from {source} at step {start}/{total}")
+        sched = scheduler.scheduler  # the LambdaLR (plain or DeepSpeed), built on the optimizer it steps
+        if ckpt.rebase_schedule(sched.optimizer, sched, st.learning_rate, st.weight_decay):
+            self._log_line(f"{name}: learning rate {st.learning_rate:g} (weight decay {st.weight_decay:g}) from "
+                           f"the config in force from step {start + 1} (resume_changes); lr now "
+                           f"{sched.get_last_lr()[0]:.3g}")
+        return start
+
+    def _train_steps(self, name: str, st: StageConfig, data, collator: Collator, objective, optimizer, scheduler,
+                     start: int, total: int) -> _StageProgress:
+        """The stage's optimizer steps from ``start``: logging, checkpoints, non-finite steps skipped (and the
+        stage stopped after ``max_bad_steps`` in a row)."""
+        acc = self.accelerator
         bar = None
         if acc.is_main_process and self.cfg.logging.progress_bar:
             from tqdm.auto import tqdm
             bar = tqdm(total=total, initial=start, desc=name, dynamic_ncols=True)
-        self.model.train()
-        self.distill_counts = _new_distill_counts()
-        bad, skipped, stage_t0, losses = 0, 0, time.time(), []
-        unproven = None  # newest checkpoint whose weights have not yet given a finite loss: never prune for it
-        start_norm = self._weight_norm()  # weights that outgrow it WEIGHT_BLOWUP-fold have exploded: never saved
+        self.backend.model.train()
+        p = _StageProgress(start_norm=self._weight_norm())
         for step in range(start, total):
             t0 = time.time()
-            stats = self.train_step(st, data, collator, loss_fn, optimizer, scheduler, step)
+            stats = train_step(self.backend, objective, st, data, collator, optimizer, scheduler, step)
             if stats is None:
-                bad, skipped = bad + 1, skipped + 1
-                self._log_line(f"{name} step {step + 1}: non-finite loss, step skipped ({bad} in a row)")
-                if bad >= self.cfg.max_bad_steps:
-                    raise self._diverged(name, st, f"{bad} non-finite losses in a row up to step {step + 1} "
+                p.bad, p.skipped = p.bad + 1, p.skipped + 1
+                self._log_line(f"{name} step {step + 1}: non-finite loss, step skipped ({p.bad} in a row)")
+                if p.bad >= self.cfg.max_bad_steps:
+                    raise self._diverged(name, st, f"{p.bad} non-finite losses in a row up to step {step + 1} "
                                          f"(max_bad_steps={self.cfg.max_bad_steps}), no checkpoint saved during "
-                                         f"them", unproven)
+                                         f"them", p.unproven)
             else:
-                bad = 0
-                if unproven is not None and acc.is_main_process:  # its weights gave a finite loss: now prune
-                    ckpt.prune(stage_dir, self.cfg.keep_last, upto=unproven)
-                unproven = None
+                p.bad = 0
+                if p.unproven is not None and acc.is_main_process:  # its weights gave a finite loss: now prune
+                    ckpt.prune(self.run_dir.stage(name), self.cfg.keep_last, upto=p.unproven)
+                p.unproven = None
             self.global_step += 1
             dt = max(time.time() - t0, 1e-9)
             if stats is not None:
-                losses.append(stats["loss"])
+                p.losses.append(stats["loss"])
                 row = {"event": "step", "stage": name, "step": step + 1, "global_step": self.global_step,
                        "lr": scheduler.get_last_lr()[0], "seq_per_s": stats["sequences"] * acc.num_processes / dt,
                        "tok_per_s": stats["tokens"] * acc.num_processes / dt, **stats}
@@ -272,46 +290,44 @@ class Trainer:
                     bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['accuracy']:.2f}")
             if bar is not None:
                 bar.update(1)
-            state = {"stage": name, "step": step + 1, "global_step": self.global_step, "total_steps": total}
             if st.save_every and (step + 1) % st.save_every == 0 and step + 1 < total:
-                if bad:  # the weights are those that just gave non-finite losses: a checkpoint of them is no use
+                if p.bad:  # the weights are those that just gave non-finite losses: a checkpoint of them is no use
                     self._log_line(f"{name} step {step + 1}: checkpoint not saved (non-finite losses in a row)")
                 else:
-                    self._check_weights(name, st, step + 1, start_norm)
-                    unproven = os.path.join(stage_dir, f"checkpoint-{step + 1}")
-                    self.save(unproven, optimizer, scheduler, state)
+                    self._check_weights(name, st, step + 1, p.start_norm)
+                    p.unproven = self.run_dir.checkpoint(name, step + 1)
+                    self.backend.save(p.unproven, optimizer, scheduler, {
+                        "stage": name, "step": step + 1, "global_step": self.global_step, "total_steps": total})
         if bar is not None:
             bar.close()
-        if bad:
-            self._log_line(f"{name}: WARNING the last {bad} steps had non-finite losses; final weights are those "
-                           f"of step {total - bad}")
-        self._check_weights(name, st, total, start_norm)
-        self.save(final_dir, None, None, {"stage": name, "step": total, "global_step": self.global_step,
-                                          "total_steps": total, "complete": True})
-        elapsed = time.time() - stage_t0
-        summary = {"event": "stage_summary", "stage": name, "steps": total - start, "skipped_steps": skipped,
+        return p
+
+    def _summarize(self, name: str, data, objective: ContrastiveObjective, p: _StageProgress, steps: int,
+                   elapsed: float) -> None:
+        losses = p.losses
+        summary = {"event": "stage_summary", "stage": name, "steps": steps, "skipped_steps": p.skipped,
                    "seconds": round(elapsed, 2), "first_loss": losses[0] if losses else None,
                    "last_loss": losses[-1] if losses else None, "data": data.stats}
-        if self.cfg.loss.distill_weight > 0:
-            summary["distill"] = dict(self.distill_counts)
-            dc = self.distill_counts
-            self._log_line(f"{name}: distillation on {dc['batches']} micro-batches ({dc['examples']} examples); "
-                           f"skipped {dc['skipped_batches']} micro-batches without teacher scores, "
-                           f"{dc['unscored_examples']} unscored examples left out (this process)")
-            if dc["batches"] == 0:
+        if objective.distills:
+            dc = objective.counts
+            summary["distill"] = dc.as_dict()
+            self._log_line(f"{name}: distillation on {dc.batches} micro-batches ({dc.examples} examples); "
+                           f"skipped {dc.skipped_batches} micro-batches without teacher scores, "
+                           f"{dc.unscored_examples} unscored examples left out (this process)")
+            if dc.batches == 0:
                 self._log_line(f"{name}: WARNING loss.distill_weight={self.cfg.loss.distill_weight} but no example "
                                f"carried teacher scores (set fields.positive_scores/negative_scores in the specs)")
         self.tracker.log(summary)
         self._log_line(f"{name} done: {summary['steps']} steps in {elapsed:.1f}s, loss "
                        f"{summary['first_loss'] if losses else float('nan'):.4f} -> "
-                       f"{summary['last_loss'] if losses else float('nan'):.4f}, skipped {skipped}")
+                       f"{summary['last_loss'] if losses else float('nan'):.4f}, skipped {p.skipped}")
 
     def _weight_norm(self) -> float:
         """Norm of the trainable weights as the processes hold them (ZeRO-3: partitions; else copies), summed over
         processes: only ever compared with itself within one stage and launch."""
         acc = self.accelerator
         sq = torch.zeros(1, device=acc.device)
-        for p in self.model.parameters():
+        for p in self.backend.model.parameters():
             if p.requires_grad:
                 t = getattr(p, "ds_tensor", None)
                 sq += (p.data if t is None else t).detach().float().pow(2).sum()
@@ -329,8 +345,7 @@ class Trainer:
         """The divergence error: names the last good checkpoint and the resume line that continues from it with a
         lower learning rate. ``unproven``: a checkpoint saved since the last finite loss; its weights are the ones
         that gave the streak, so the way back starts from the one before it."""
-        stage_dir = os.path.join(self.out, name)
-        good = [c for c in ckpt.checkpoints(stage_dir) if c != unproven and ckpt.verify(c) is None]
+        good = [c for c in self.run_dir.checkpoints(name) if c != unproven and ckpt.verify(c) is None]
         key = f"stage_defs.{name}.learning_rate"
         fix = f"resume=true {key}={st.learning_rate / 10:g} resume_changes=[{key}]"
         if unproven is not None:
@@ -344,104 +359,46 @@ class Trainer:
                              f"Continue with a lower learning rate: {move}{fix} (the learning rate is now "
                              f"{st.learning_rate:g}; or check the data).")
 
-    def save(self, folder: str, optimizer, scheduler, state: Dict[str, Any]) -> None:
-        """Save a checkpoint (``optimizer`` None: a stage's final weights). No pruning here: ``run_stage`` prunes
-        once a later step proves the new checkpoint's weights good."""
-        from accelerate.utils import gather_object
 
-        acc = self.accelerator
-        if ds_utils.is_deepspeed(acc):
-            return ds_utils.save(self, folder, optimizer, state)
-        acc.wait_for_everyone()
-        weights = self.embedder.trainable_state_dict()
-        rngs = gather_object([ckpt.rng_state()]) if acc.num_processes > 1 else None  # every rank's (a collective)
-        # a full disk stops every rank, not only the one that writes
-        on_main(acc, lambda: ckpt.save_checkpoint(
-            folder, embedder=self.embedder, optimizer=optimizer.optimizer if optimizer is not None else None,
-            scheduler=scheduler.scheduler if scheduler is not None else None, state=state, weights=weights,
-            rng_states=rngs), ckpt.DiskFullError)
+# ---- one optimizer step ----------------------------------------------------------------------------------------------
+def train_step(backend, objective: ContrastiveObjective, st: StageConfig, data, collator: Collator, optimizer,
+               scheduler, step: int) -> Optional[Dict[str, float]]:
+    """One optimizer step over ``st.gradient_accumulation_steps`` micro-batches (GradCache chunks if the stage asks):
+    its stats, or None when a loss was non-finite on any process (gradients discarded, nothing stepped)."""
+    acc, model = backend.acc, backend.model
+    ga = st.gradient_accumulation_steps
+    totals = {"loss": 0.0, "accuracy": 0.0, "tokens": 0, "sequences": 0}
+    distilled = objective.counts.examples
+    finite = True
+    for micro in range(ga):
+        batch = collator(data.batch(step * ga + micro)).to(acc.device)
+        totals["tokens"] += batch.num_tokens
+        totals["sequences"] += batch.num_sequences
+        sync = micro == ga - 1  # DDP: no_sync before the last micro-batch; DeepSpeed: one engine step
+        if st.grad_cache_chunk_size > 0:
+            from .gradcache import grad_cache_backward
 
-    # ---- one optimizer step --------------------------------------------------------------------------------------
-    def train_step(self, st: StageConfig, data, collator: Collator, loss_fn, optimizer, scheduler,
-                   step: int) -> Optional[Dict[str, float]]:
-        acc = self.accelerator
-        ga = st.gradient_accumulation_steps
-        totals = {"loss": 0.0, "accuracy": 0.0, "tokens": 0, "sequences": 0}
-        distilled = self.distill_counts["examples"]
-        finite = True
-        for micro in range(ga):
-            batch = collator(data.batch(step * ga + micro)).to(acc.device)
-            totals["tokens"] += batch.num_tokens
-            totals["sequences"] += batch.num_sequences
-            sync = micro == ga - 1  # DDP: no_sync before the last micro-batch; DeepSpeed: one engine step
-            if st.grad_cache_chunk_size > 0:
-                from .gradcache import grad_cache_backward
-
-                out = grad_cache_backward(self, batch, st, loss_fn, scale=1.0 / ga, sync=sync)
-                if not torch.isfinite(out.loss.detach()):  # GradCache already agreed on this across ranks
+            out = grad_cache_backward(objective, model, acc, batch, st.grad_cache_chunk_size, scale=1.0 / ga,
+                                      sync=sync)
+            if not torch.isfinite(out.loss.detach()):  # GradCache already agreed on this across ranks
+                finite = False
+                break
+        else:
+            with sync_context(acc, model, sync):
+                with acc.autocast():
+                    out = objective(model, batch)
+                ok = acc.reduce(torch.isfinite(out.loss.detach()).float().reshape(1), reduction="sum")
+                if ok.item() < acc.num_processes:
                     finite = False
                     break
-            else:
-                with sync_context(acc, self.model, sync):
-                    with acc.autocast():
-                        out = self.compute_loss(batch, st, loss_fn)
-                    ok = acc.reduce(torch.isfinite(out.loss.detach()).float().reshape(1), reduction="sum")
-                    if ok.item() < acc.num_processes:
-                        finite = False
-                        break
-                    acc.backward(out.loss / ga)
-            totals["loss"] += out.loss.item() / ga
-            totals["accuracy"] += out.accuracy.item() / ga
-        if not finite:
-            optimizer.zero_grad(set_to_none=True)
-            ds_utils.discard_grads(acc)
-            return None
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if ds_utils.is_deepspeed(acc):  # the engine already clipped and stepped in the last backward
-            grad_norm = ds_utils.grad_norm(acc)
-        elif st.max_grad_norm > 0:
-            grad_norm = acc.clip_grad_norm_(params, st.max_grad_norm)
-        else:
-            grad_norm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        totals["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-        if self.cfg.loss.distill_weight > 0:
-            totals["distill_examples"] = self.distill_counts["examples"] - distilled
-        return totals
-
-    def embed_batch(self, batch: Batch):
-        return self.model(**batch.queries), self.model(**batch.docs)
-
-    def compute_loss(self, batch: Batch, st: StageConfig, loss_fn, q=None, d=None) -> LossOutput:
-        """Loss from a batch (or from precomputed embeddings ``q``/``d``, as GradCache does)."""
-        if q is None:
-            q, d = self.embed_batch(batch)
-        offset, docs, doc_keys = 0, d, batch.doc_keys
-        if st.in_batch_negatives and self.cfg.loss.cross_device_negatives and self.accelerator.num_processes > 1:
-            docs = all_gather_with_grad(d)
-            doc_keys = all_gather_no_grad(batch.doc_keys)
-            offset = self.accelerator.process_index * d.shape[0]
-        out = loss_fn(q, docs, batch.group, offset, batch.pos_keys, doc_keys)
-        if self.cfg.loss.distill_weight > 0:
-            kl = self._distill(q, d, batch)
-            if kl is not None:
-                out = LossOutput(loss=out.loss + self.cfg.loss.distill_weight * kl, accuracy=out.accuracy,
-                                 logits=out.logits)
-        return out
-
-    def _distill(self, q, d, batch: Batch) -> Optional[torch.Tensor]:
-        """KL towards the teacher over the examples that carry scores (NaN rows do not); None, counted as a skipped
-        micro-batch, when none does. Each process uses its own groups: no gather is needed."""
-        c, ts = self.distill_counts, batch.teacher_scores
-        rows = torch.isfinite(ts).all(dim=1) if ts is not None else None
-        n = int(rows.sum()) if rows is not None else 0
-        c["examples"] += n
-        c["unscored_examples"] += q.shape[0] - n
-        if n == 0:
-            c["skipped_batches"] += 1
-            return None
-        c["batches"] += 1
-        own = d.view(q.shape[0], batch.group, -1)
-        return distill_kl(q[rows], own[rows], ts[rows], self.cfg.loss.temperature, self.cfg.loss.distill_temperature)
+                acc.backward(out.loss / ga)
+        totals["loss"] += out.loss.item() / ga
+        totals["accuracy"] += out.accuracy.item() / ga
+    if not finite:
+        backend.discard(optimizer)
+        return None
+    grad_norm = backend.step(optimizer, scheduler, st.max_grad_norm)
+    totals["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+    if objective.distills:
+        totals["distill_examples"] = objective.counts.examples - distilled
+    return totals
