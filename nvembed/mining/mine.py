@@ -31,13 +31,14 @@ import numpy as np
 
 from tqdm.auto import tqdm
 
+from nvembed.data.sources import jsonl_objects
 from nvembed.data.spec import DataSpec, FieldsSpec, SourceSpec, SpecError, parse_spec, write_spec
 from nvembed.mining.cache import store_folder
 from nvembed.mining.index import SearchConfig, build_index, estimate_recall, search
 from nvembed.mining.rules import MiningRule, select_negatives
 from nvembed.mining.store import StoreError, encode_to_store
 from nvembed.mining.texts import (MiningTexts, corpus_text, from_files, from_lists, pair_keys, pair_positives,
-                                  parse_line, pass_through, scan_lines, strip_eol)
+                                  pass_through, scan_lines, strip_eol)
 
 
 class Ranks:
@@ -109,11 +110,7 @@ def _mine(teacher, texts: MiningTexts, emit: Callable[[int, Dict[str, Any]], Non
           ranks: Optional[Ranks] = None) -> None:
     """Encode, search and select; each query's record goes to ``emit(query index, record)`` in query order."""
     rule = rule or MiningRule()
-    cfg = dataclasses.replace(search_config or SearchConfig(index="flat" if use_faiss else "exact"))
-    if query_chunk_size:
-        cfg.query_chunk_size = query_chunk_size
-    if doc_chunk_size:
-        cfg.doc_chunk_size = doc_chunk_size
+    cfg = _search_config(search_config, use_faiss, query_chunk_size, doc_chunk_size)
     ranks = ranks or Ranks()
     t0 = time.perf_counter()
     n_queries, docs = len(texts.queries), texts.docs
@@ -129,10 +126,12 @@ def _mine(teacher, texts: MiningTexts, emit: Callable[[int, Dict[str, Any]], Non
         root = cache_dir if cache_dir is not None else tmp
         common = dict(dtype=store_dtype, chunk_size=encode_chunk_size, batch_size=batch_size, rank=ranks.rank,
                       world=ranks.world, barrier=ranks.barrier, show_progress=show_progress)
-        d_store = encode_to_store(teacher, docs, store_folder(root, teacher, docs, None, store_dtype),
+        # keyed on the texts' digests (texts.py): no text is read back to name a store
+        d_store = encode_to_store(teacher, docs, store_folder(root, teacher, None, None, store_dtype,
+                                                              hashes=texts.doc_hash),
                                   ids=texts.doc_ids, desc="encode corpus", **common)
-        q_store = encode_to_store(teacher, texts.queries, store_folder(root, teacher, texts.queries, instruction,
-                                                                        store_dtype),
+        q_store = encode_to_store(teacher, texts.queries, store_folder(root, teacher, None, instruction, store_dtype,
+                                                                        hashes=texts.query_hash),
                                   instruction=instruction, desc="encode queries", **common)
         if ranks.rank != 0:
             return
@@ -143,6 +142,17 @@ def _mine(teacher, texts: MiningTexts, emit: Callable[[int, Dict[str, Any]], Non
         stats.update({"num_queries": n_queries, "corpus_size": len(docs), **run_stats,
                       "search_seconds": round(time.perf_counter() - t_search, 2),
                       "seconds": round(time.perf_counter() - t0, 2)})
+
+
+def _search_config(search_config: Optional[SearchConfig], use_faiss: bool = False,
+                   query_chunk_size: Optional[int] = None, doc_chunk_size: Optional[int] = None) -> SearchConfig:
+    """The search settings of a run (a copy: the caller's config is not changed)."""
+    cfg = dataclasses.replace(search_config or SearchConfig(index="flat" if use_faiss else "exact"))
+    if query_chunk_size:
+        cfg.query_chunk_size = query_chunk_size
+    if doc_chunk_size:
+        cfg.doc_chunk_size = doc_chunk_size
+    return cfg
 
 
 def _search_and_select(texts: MiningTexts, d_store, q_store, rule, cfg, query_block_size, exclude_query_text,
@@ -184,18 +194,12 @@ def _search_and_select(texts: MiningTexts, d_store, q_store, rule, cfg, query_bl
 
 # ----------------------------------------------------------------------------------------------- file helpers
 
-def _jsonl(path):
-    """``(line number, row)`` of a JSONL file; a missing file or a bad line is a :class:`SpecError` naming it."""
-    for _, n, line in scan_lines(path):
-        yield n, parse_line(path, n, line)
-
-
 def read_pairs(path) -> List[Dict[str, Any]]:
     """Read query/positive JSONL rows and group them by query text: ``[{"query", "positives", **extra}]``, in RAM
     (small files; :func:`mine_file` keeps only offsets, :mod:`~nvembed.mining.texts`).
     Accepted keys: query|anchor|question|q and positives (list) | positive | pos | document | answer."""
     groups: Dict[str, Dict[str, Any]] = {}
-    for n, r in _jsonl(path):
+    for _, n, r in jsonl_objects(path):
         qk, pk = pair_keys(path, n, r)
         g = groups.setdefault(r[qk], {"query": r[qk], "positives": [], **pass_through(r, qk, pk)})
         g["positives"] += [p for p in pair_positives(r, pk) if p not in g["positives"]]
@@ -207,9 +211,8 @@ def read_corpus(path, with_ids: bool = False):
     ``with_ids``: ``(texts, ids)``, ids from ``_id`` / ``id`` (JSONL) or the line number."""
     texts, ids = [], []
     txt = Path(path).suffix == ".txt"
-    for _, n, line in scan_lines(path):
-        r = None if txt else parse_line(path, n, line)
-        texts.append(strip_eol(line) if txt else corpus_text(r))
+    for _, n, r in scan_lines(path) if txt else jsonl_objects(path):
+        texts.append(strip_eol(r) if txt else corpus_text(r))
         ids.append(str(n) if txt else str(r.get("_id", r.get("id", n))))
     return (texts, ids) if with_ids else texts
 
@@ -299,7 +302,8 @@ def mine_file(teacher, input_path, out_path, *, corpus_path=None, rule: Optional
     texts = from_files(input_path, corpus_path)
     stats: Dict[str, Any] = {}
     ranks = kw.pop("ranks", None) or Ranks()
-    cfg = kw.pop("search_config", None) or SearchConfig(index="flat" if kw.pop("use_faiss", False) else "exact")
+    cfg = _search_config(kw.pop("search_config", None), kw.pop("use_faiss", False), kw.pop("query_chunk_size", None),
+                         kw.pop("doc_chunk_size", None))
     writer: Optional[_Writer] = None
 
     def emit(qi: int, rec: Dict[str, Any]) -> None:

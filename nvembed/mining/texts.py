@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from nvembed.data.sources import json_object
+from nvembed.data.sources import jsonl_objects
 from nvembed.data.spec import SpecError
 
 QUERY_KEYS = ("query", "anchor", "question", "q")
@@ -36,15 +36,9 @@ def _hashes(buf: bytearray) -> np.ndarray:
     return np.frombuffer(bytes(buf), dtype="S16")
 
 
-def parse_line(path, n: int, line: str) -> Dict[str, Any]:
-    row, problem = json_object(line)
-    if problem:
-        raise SpecError(f"{path}:{n}: {problem}")
-    return row
-
-
 def scan_lines(path):
-    """``(byte offset, line number, text)`` of each non-blank line; a missing file is a :class:`SpecError`."""
+    """``(byte offset, line number, text)`` of each non-blank line of a text file (``.txt`` corpora; JSONL goes
+    through :func:`nvembed.data.sources.jsonl_objects`); a missing file is a :class:`SpecError`."""
     try:
         f = open(path, "rb")
     except FileNotFoundError:
@@ -154,6 +148,10 @@ class MiningTexts:
     """``extras(g)``: the pass-through fields of query ``g`` (from its first input row), when read from a file."""
     files: Tuple[FileRows, ...] = ()
     """Open files the tables read from: :meth:`close` them."""
+    doc_hash: Optional[np.ndarray] = None
+    """16-byte digest of each document's text (``S16``): the embedding cache is keyed on these, not the texts."""
+    query_hash: Optional[np.ndarray] = None
+    """16-byte digest of each query's text."""
 
     def positives(self, g: int) -> List[int]:
         return self.pos_doc[self.pos_ptr[g]:self.pos_ptr[g + 1]].tolist()
@@ -192,7 +190,8 @@ def _plan(c_hash, c_key, c_sub, q_hash, pe_group, pe_hash, pe_key, pe_sub, n_gro
     np.cumsum(np.bincount(k_group, minlength=n_groups), out=pos_ptr[1:])
     k_j = np.arange(len(kept)) - pos_ptr[k_group]  # index among the query's distinct positives
     n_c = len(c_hash)
-    entries, label, uniq, rank = _first_seen(np.concatenate([c_hash, pe_hash[kept]]).astype("S16"))
+    all_hash = np.concatenate([c_hash, pe_hash[kept]]).astype("S16")
+    entries, label, uniq, rank = _first_seen(all_hash)
     src = (entries >= n_c).astype(np.uint8)  # 0: a corpus row, 1: a positive
     docs = TextTable(doc_getters, src, np.concatenate([c_key, pe_key[kept]])[entries],
                      np.concatenate([c_sub, pe_sub[kept]])[entries])
@@ -203,7 +202,7 @@ def _plan(c_hash, c_key, c_sub, q_hash, pe_group, pe_hash, pe_key, pe_sub, n_gro
         at = np.minimum(np.searchsorted(uniq, q_hash), len(uniq) - 1)
         query_doc = np.where(uniq[at] == q_hash, rank[at], -1)
     return MiningTexts(docs, doc_ids, queries, pos_ptr, label[n_c:], query_doc.astype(np.int64), extras,
-                       tuple(files))
+                       tuple(files), all_hash[entries], np.asarray(q_hash, dtype="S16"))
 
 
 def from_lists(queries: Sequence[str], positives: Sequence[Sequence[str]], corpus: Optional[Sequence[str]] = None,
@@ -234,8 +233,7 @@ def from_files(pairs_path, corpus_path=None) -> MiningTexts:
     ``text`` / ``title`` / ``_id``): one pass each, keeping offsets and hashes; errors name file:line."""
     # array("q"): 8 bytes a row, not a Python int object each
     row_off, q_buf, pe_row, pe_j, p_buf = array("q"), bytearray(), array("q"), array("q"), bytearray()
-    for off, n, line in scan_lines(pairs_path):
-        row = parse_line(pairs_path, n, line)
+    for off, n, row in jsonl_objects(pairs_path):
         qk, pk = pair_keys(pairs_path, n, row)
         q_buf += digest(_text(pairs_path, n, qk, row[qk]))
         for j, p in enumerate(pair_positives(row, pk)):
@@ -249,9 +247,9 @@ def from_files(pairs_path, corpus_path=None) -> MiningTexts:
     c_off, c_line, c_buf = array("q"), array("q"), bytearray()
     txt = corpus_path is not None and Path(corpus_path).suffix == ".txt"
     if corpus_path is not None:
-        for off, n, line in scan_lines(corpus_path):
-            c_buf += digest(strip_eol(line) if txt else _text(corpus_path, n, "text",
-                                                              corpus_text(parse_line(corpus_path, n, line))))
+        rows = scan_lines(corpus_path) if txt else jsonl_objects(corpus_path)
+        for off, n, r in rows:
+            c_buf += digest(strip_eol(r) if txt else _text(corpus_path, n, "text", corpus_text(r)))
             c_off.append(off)
             c_line.append(n)
     pairs = FileRows(pairs_path)
