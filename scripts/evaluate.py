@@ -6,9 +6,13 @@
     python scripts/evaluate.py MODEL --beir data_specs/eval/beir/adi --truncate-dim 256   # Matryoshka: first 256 dims
     python scripts/evaluate.py MODEL --mteb data_specs/eval/beir/adi data_specs/eval/sts/stsbenchmark-test.jsonl
     python scripts/evaluate.py MODEL --mteb SciFact STSBenchmark   # mteb's own evaluation; task names need the hub
+    python scripts/evaluate.py MODEL --beir /data/msmarco --index ivfpq --store-dir /scratch   # a very large corpus
 
 MODEL: a sentence-transformers folder, ``bm25``, or an nvembed model folder (AutoModel with ``.encode``); see
 ``nvembed.eval.encoders.load_encoder``. Runs offline (HF_HUB_OFFLINE=1 is set unless already defined).
+
+``--beir`` keeps the corpus on disk: its embeddings go to a temporary store (``--store-dir``: n x dim x 4 bytes) as
+they are encoded and are searched from there, exactly (default) or through a FAISS index (``--index``).
 """
 
 from __future__ import annotations
@@ -54,6 +58,11 @@ def main(argv=None) -> int:
     ap.add_argument("--chart", default=None, help="suite: also write a PNG bar chart here")
     ap.add_argument("--truncate-dim", type=int, default=None, metavar="D",
                     help="evaluate the first D embedding dimensions, re-normalised (Matryoshka)")
+    ap.add_argument("--index", default="exact", choices=["exact", "flat", "ivf", "ivfpq", "hnsw"],
+                    help="--beir: exact search streamed over the stored embeddings (default), or a FAISS index "
+                         "(flat: exact in RAM; ivf/ivfpq/hnsw: approximate, at nvembed.mining.index defaults)")
+    ap.add_argument("--store-dir", default=None,
+                    help="--beir: folder for the temporary corpus embedding store (default: the system temp folder)")
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--trust-remote-code", action="store_true",
                     help="allow Python code shipped in the model folder to run (nvembed exports never need it)")
@@ -77,10 +86,10 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
-    if a.beir:  # bad data fails before the model loads
-        from nvembed.eval.retrieval import load_beir
+    if a.beir:  # bad data fails before the model loads (the corpus is checked, not loaded)
+        from nvembed.eval.retrieval import open_beir
 
-        beir_data = load_beir(a.beir, a.split, allow_missing_docs=a.allow_missing_docs, log=log)
+        beir_data = open_beir(a.beir, a.split, allow_missing_docs=a.allow_missing_docs, log=log)
     elif a.suite:
         from nvembed.eval.suite import load_suite
 
@@ -104,10 +113,12 @@ def main(argv=None) -> int:
         out = {"model": model.name, **{f"{t}/{r['main_score']}": round(r["value"], 5) for t, r in res.items()}}
     elif a.beir:
         from nvembed.eval.retrieval import evaluate_retrieval
+        from nvembed.mining.index import SearchConfig
 
+        search = None if a.index == "exact" else SearchConfig(index=a.index)
         res = evaluate_retrieval(model, a.beir, instruction=a.instruction, split=a.split, max_queries=a.max_queries,
                                  max_corpus=a.max_corpus, max_doc_chars=a.max_doc_chars, batch_size=a.batch_size,
-                                 show_progress=a.progress, data=beir_data)
+                                 show_progress=a.progress, data=beir_data, search=search, store_dir=a.store_dir)
         out = {"model": model.name, "dataset": Path(a.beir).name, **{k: round(v, 5) if isinstance(v, float) else v
                                                                        for k, v in res.items()}}
     else:
