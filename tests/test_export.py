@@ -33,7 +33,7 @@ def _perturbed(cfg, seed=0):
         for name, p in emb.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-            elif name.startswith("pooler."):
+            elif name.startswith("model.latent_attention_model."):
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
             elif not cfg.lora.enabled and "layers.0.mlp" in name:
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
@@ -93,6 +93,9 @@ def test_export_folder_layout_and_config(exported):
     assert c["text_config"]["is_causal"] is False and c["bidirectional"] is True
     assert (c["pooling_mode"], c["num_latents"], c["num_heads"], c["head_dim"]) == ("latent_attention", 8, 2, 16)
     assert c["query_template"] == cfg.query_template and c["add_eos"] is True and c["padding_side"] == "right"
+    from nvembed import hf
+    for name in hf.FILES:  # the model code shipped is nvembed's own, byte for byte
+        assert open(os.path.join(folder, name)).read() == open(os.path.join(hf.DIR, name)).read(), name
     st_cfg = json.load(open(os.path.join(folder, "config_sentence_transformers.json")))
     assert st_cfg["prompts"]["query"].startswith("Instruct: ") and st_cfg["prompts"]["query"].endswith("\nQuery: ")
     assert json.load(open(os.path.join(folder, "modules.json")))[0]["type"] == "st_nvembed.NVEmbedSTModule"
@@ -114,7 +117,7 @@ def test_lora_merged_and_live_model_untouched(exported):
         torch.testing.assert_close(saved[f"embedding_model.{k}"], v, atol=1e-6, rtol=0)
     base_q = emb.base_model.layers[0].self_attn.q_proj.base_layer.weight
     assert (saved["embedding_model.layers.0.self_attn.q_proj.weight"] - base_q).abs().max() > 1e-3
-    for k, v in emb.pooler.head.state_dict().items():
+    for k, v in emb.model.latent_attention_model.state_dict().items():
         assert torch.equal(saved[f"latent_attention_model.{k}"], v)
 
 
@@ -212,21 +215,21 @@ def test_variants_round_trip(variant, tmp_path):
     _check_same(emb, hf, st, cfg)
 
 
-@pytest.mark.parametrize("side", ["right", "left"])
-def test_remote_code_tokenize_matches_nvembed(side):
-    from nvembed.export.remote_code import modeling_nvembed
-    from nvembed.model import load_tokenizer
-    from nvembed.model.inputs import tokenize
+def test_hf_package_is_self_contained():
+    """nvembed/hf is what an export ships as remote code: its files import each other (relatively) and third-party
+    packages only, never the rest of nvembed."""
+    import ast
 
-    tok = load_tokenizer(tiny_model_config(padding_side=side))
-    prompts = ["Instruct: find it\nQuery: ", "", "Instruct: a very long instruction that fills the window\nQuery: ",
-               "Instruct: x\nQuery:"]
-    for max_length in (8, 64):
-        for add_eos in (True, False):
-            a = tokenize(tok, TEXTS, prompts, max_length=max_length, add_eos=add_eos)
-            b = modeling_nvembed.tokenize(tok, TEXTS, prompts, max_length=max_length, add_eos=add_eos)
-            for k in a:
-                assert torch.equal(a[k], b[k]), (k, max_length, add_eos)
+    from nvembed import hf
+
+    for name in hf.FILES:
+        tree = ast.parse(open(os.path.join(hf.DIR, name)).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert node.level == 1 and f"{node.module}.py" in hf.FILES, (name, node.module)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+                assert not any(m == "nvembed" or m.startswith("nvembed.") for m in mods), (name, mods)
 
 
 def test_secret_keys():

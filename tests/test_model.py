@@ -1,4 +1,4 @@
-"""Backbone switch, instruction exclusion from pooling, latent-attention shapes and masking."""
+"""Backbone switch, instruction exclusion from pooling, latent-attention shapes and masking, training weight files."""
 
 import pytest
 import torch
@@ -6,8 +6,8 @@ import torch
 from conftest import tiny_model_config
 from nvembed.config import PoolingConfig
 from nvembed.model import build_embedder, load_backbone, load_tokenizer
+from nvembed.hf.modeling_nvembed import LatentAttentionPooling
 from nvembed.model.inputs import tokenize
-from nvembed.model.pooling import LatentAttentionPooling, Pooler
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
@@ -97,8 +97,7 @@ def test_instruction_changes_embedding_but_is_not_pooled():
 
 def test_latent_attention_shapes_and_masking():
     torch.manual_seed(0)
-    pcfg = PoolingConfig(mode="latent_attention", num_latents=16, num_heads=4, head_dim=8, zero_init_residual=False)
-    head = LatentAttentionPooling(32, pcfg)
+    head = LatentAttentionPooling(32, num_latents=16, num_heads=4, head_dim=8, latent_dim=None, ff_mult=4)
     assert head.latents.shape == (16, 32)
     assert head.to_q.weight.shape == (32, 32)  # 4 heads x 8
     assert head.to_kv.weight.shape == (64, 32)
@@ -116,14 +115,14 @@ def test_latent_attention_shapes_and_masking():
     assert torch.allclose(head(hidden2, mask)[0], out[0], atol=1e-5)
     # NV-Embed sizes: hidden 4096, 512 latents, 8 heads of 4096 -> ~0.74B parameters (papers.md 1.3)
     with torch.device("meta"):
-        big = LatentAttentionPooling(4096, PoolingConfig(num_latents=512, num_heads=8))
+        big = LatentAttentionPooling(4096, num_latents=512, num_heads=8, head_dim=None, latent_dim=None, ff_mult=4)
     n = sum(p.numel() for p in big.parameters())
     assert 0.70e9 < n < 0.78e9
 
 
 def test_zero_init_head_starts_as_mean_pooling():
+    head = build_embedder(tiny_model_config(), seed=0).model.latent_attention_model  # hidden 32, zero_init_residual
     torch.manual_seed(0)
-    head = LatentAttentionPooling(32, PoolingConfig(num_latents=8, num_heads=2, head_dim=16))
     hidden, mask = torch.randn(3, 6, 32), torch.tensor([[1] * 6, [1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1]])
     m = mask.unsqueeze(-1).float()
     assert torch.allclose(head(hidden, mask), (hidden * m).sum(1) / m.sum(1), atol=1e-6)
@@ -134,22 +133,55 @@ def test_zero_init_head_starts_as_mean_pooling():
 
 def test_pooler_modes():
     torch.manual_seed(0)
-    hidden = torch.randn(2, 4, 8)
+    hidden = torch.randn(2, 4, 32)
     att = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]])
     pool = torch.tensor([[0, 1, 1, 0], [0, 0, 1, 1]])
-    mean = Pooler(8, PoolingConfig(mode="mean", normalize=False))(hidden, att, pool)
-    assert torch.allclose(mean[0], hidden[0, 1:3].mean(0))
-    assert torch.allclose(mean[1], hidden[1, 2:4].mean(0))
-    last = Pooler(8, PoolingConfig(mode="last_token", normalize=False))(hidden, att, pool)
-    assert torch.allclose(last[0], hidden[0, 2]) and torch.allclose(last[1], hidden[1, 3])
+    mean = build_embedder(tiny_model_config(pooling=PoolingConfig(mode="mean", normalize=False))).model
+    last = build_embedder(tiny_model_config(pooling=PoolingConfig(mode="last_token", normalize=False))).model
+    assert mean.latent_attention_model is None and last.latent_attention_model is None
+    out = mean.pool(hidden, att, pool)
+    assert torch.allclose(out[0], hidden[0, 1:3].mean(0))
+    assert torch.allclose(out[1], hidden[1, 2:4].mean(0))
+    out = last.pool(hidden, att, pool)
+    assert torch.allclose(out[0], hidden[0, 2]) and torch.allclose(out[1], hidden[1, 3])
 
 
 def test_lora_trains_adapters_and_full_head():
     emb = build_embedder(tiny_model_config(), seed=0)
     trainable = {n for n, p in emb.named_parameters() if p.requires_grad}
     assert any("lora_A" in n for n in trainable)
-    assert all(p.requires_grad for p in emb.pooler.parameters())
+    assert all(p.requires_grad for p in emb.model.latent_attention_model.parameters())
     assert not any("embed_tokens" in n for n in trainable)
     from nvembed.config import LoraConfig
     full = build_embedder(tiny_model_config(lora=LoraConfig(enabled=False)), seed=0)
     assert all(p.requires_grad for p in full.parameters())
+
+
+def test_checkpoint_of_the_earlier_layout_loads(tmp_path):
+    """Training weights saved before the model was one NVEmbedModel (keys ``backbone.*`` / ``pooler.head.*``) load
+    with load_weights (init_from, resume) and with load_state_dict (DeepSpeed's resume), giving the same model."""
+    from safetensors.torch import load_file, save_file
+
+    from nvembed.model.embedder import WEIGHTS
+
+    cfg = tiny_model_config()
+    trained = build_embedder(cfg, seed=0)
+    with torch.no_grad():
+        for p in trained.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.2)
+    trained.save_weights(str(tmp_path))
+    state = load_file(str(tmp_path / WEIGHTS))
+    old = {k.replace("model.embedding_model.", "backbone.").replace("model.latent_attention_model.", "pooler.head."): v
+           for k, v in state.items()}
+    assert any(k.startswith("pooler.head.") for k in old) and all(k.startswith(("backbone.", "pooler.")) for k in old)
+    save_file(old, str(tmp_path / WEIGHTS))
+    texts = ["the same text", "another one"]
+    want = trained.encode(texts, instruction="Task one")
+    fresh = build_embedder(cfg, seed=0)
+    assert abs(fresh.encode(texts, instruction="Task one") - want).max() > 1e-3
+    fresh.load_weights(str(tmp_path))
+    assert abs(fresh.encode(texts, instruction="Task one") - want).max() < 1e-6
+    other = build_embedder(cfg, seed=0)
+    other.load_state_dict(old, strict=False)
+    assert abs(other.encode(texts, instruction="Task one") - want).max() < 1e-6

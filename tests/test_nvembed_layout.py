@@ -181,14 +181,11 @@ def test_nvembed_checkpoint_is_not_taken_for_an_export(ckpt, tmp_path):
 
 # ---- 1. the instruction convention ---------------------------------------------------------------------------------
 def test_full_prefix_or_bare_task_same_rule_everywhere():
-    from nvembed.export.remote_code import modeling_nvembed as remote
-
     template = "Instruct: {instruction}\nQuery: "
     cases = {TASK: False, PREFIX: True, f"Instruct: {TASK}\nQuery:": True, f"  {PREFIX}": True,
              "Instruct me how to cook rice": False, "Query: what?": False, f"Instruct: {TASK}": False}
     for text, full in cases.items():
-        assert is_full_prompt(text, template) is full and remote.is_full_prompt(text, template) is full, text
-        assert build_prompt(text, template) == remote.build_prompt(text, template)
+        assert is_full_prompt(text, template) is full, text
         assert build_prompt(text, template) == (text if full else template.format(instruction=text))
     assert build_prompt(TASK, template) == build_prompt(PREFIX, template) == PREFIX
     assert build_prompt("", template) == build_prompt(None, template) == ""
@@ -222,12 +219,12 @@ def test_loaded_checkpoint_equals_nvembed_forward(ckpt, embedder):
 
     ck = read_checkpoint(ckpt)
     assert ck.text_config["model_type"] == "mistral" and len(set(ck.files.values())) == 2
-    own = embedder.pooler.head.state_dict()
+    own = embedder.model.latent_attention_model.state_dict()
     raw = ck.tensors([HEAD_PREFIX + k for k in HEAD_KEYS])
     for theirs, ours in HEAD_KEYS.items():  # the key map, weight by weight
         assert torch.equal(own[ours], raw[HEAD_PREFIX + theirs]), (theirs, ours)
     assert not any(p.requires_grad for n, p in embedder.named_parameters() if "base_layer" in n)
-    assert all(p.requires_grad for p in embedder.pooler.parameters())
+    assert all(p.requires_grad for p in embedder.model.latent_attention_model.parameters())
     docs, _, _ = nvembed_reference(ckpt, TEXTS)
     np.testing.assert_allclose(embedder.encode(TEXTS), docs, atol=ATOL)
     # queries as NV-Embed code sends them, and as a bare task
@@ -350,8 +347,8 @@ def test_training_from_checkpoint_then_export_loads_without_nvembed(ckpt, traine
     losses = [r["loss"] for r in rows if r.get("event") == "step"]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     start = build_embedder(model_cfg(ckpt), seed=0)
-    moved = [n for n, p in emb.pooler.head.state_dict().items()
-             if not torch.equal(p, start.pooler.head.state_dict()[n])]
+    moved = [n for n, p in emb.model.latent_attention_model.state_dict().items()
+             if not torch.equal(p, start.model.latent_attention_model.state_dict()[n])]
     assert "latents" in moved and "to_q.weight" in moved  # the NV-Embed head itself was trained
     exported = json.load(open(os.path.join(final, "config.json")))
     from nvembed.export import is_export

@@ -232,12 +232,12 @@ def is_nvembed_export(folder) -> bool:
 
 
 def load_nvembed_export(folder, *, device: Optional[str] = None, max_seq_length: Optional[int] = None):
-    """An nvembed export as ``NVEmbedModel`` built from ``nvembed.export.remote_code`` (the very code the export
-    ships), so nothing in the folder is executed; the tokenizer is loaded without remote code."""
+    """An nvembed export as ``NVEmbedModel`` built from ``nvembed.hf`` (the very code the export ships), so nothing
+    in the folder is executed; the tokenizer is loaded without remote code."""
     from transformers import AutoTokenizer
 
-    from nvembed.export.remote_code.configuration_nvembed import NVEmbedConfig
-    from nvembed.export.remote_code.modeling_nvembed import NVEmbedModel
+    from nvembed.hf.configuration_nvembed import NVEmbedConfig
+    from nvembed.hf.modeling_nvembed import NVEmbedModel
 
     tok_cfg = _read_json(Path(folder) / "tokenizer_config.json")
     if isinstance(tok_cfg, dict) and tok_cfg.get("auto_map"):

@@ -152,9 +152,10 @@ def export_model(embedder, folder: str, run_cfg: Any = None, *,
                  max_shard_size: str = "5GB") -> str:
     """Write ``embedder`` (an unwrapped nvembed Embedder, on any device; not modified) to ``folder``.
 
-    Files: ``config.json`` (``NVEmbedConfig``: nested backbone ``text_config``, pooling, prompt template, auto_map),
-    ``model.safetensors`` (LoRA merged; head included), tokenizer files, ``configuration_nvembed.py``,
-    ``modeling_nvembed.py``, ``st_nvembed.py``, ``modules.json``, ``sentence_bert_config.json``,
+    Files: ``config.json`` (the model's ``NVEmbedConfig``: nested backbone ``text_config``, pooling, prompt
+    template, auto_map), ``model.safetensors`` (LoRA merged; head included), tokenizer files, the files of
+    :mod:`nvembed.hf` (``configuration_nvembed.py``, ``inputs_nvembed.py``, ``modeling_nvembed.py``,
+    ``st_nvembed.py``), ``modules.json``, ``sentence_bert_config.json``,
     ``config_sentence_transformers.json``, ``README.md`` and ``nvembed_training.json``. Returns ``folder``.
     ``model_card_extra``: dict (license, language, datasets, tags, base_model, title, description, notes) or text.
     """

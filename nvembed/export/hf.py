@@ -1,40 +1,38 @@
 """Write an :class:`~nvembed.model.embedder.Embedder` as a self-contained Hugging Face model folder.
 
-The folder loads without ``nvembed`` installed:
+The Embedder's ``model`` already is the ``NVEmbedModel`` users load, with its config: export merges LoRA (into a new
+state dict; the live model is not touched), saves config and weights as ``save_pretrained`` lays them out
+(safetensors, sharded above ``max_shard_size``), the tokenizer, and copies the files of :mod:`nvembed.hf` as the
+folder's remote code. The folder loads without ``nvembed`` installed:
 
 * ``transformers.AutoModel.from_pretrained(DIR, trust_remote_code=True)`` -> ``NVEmbedModel`` (``encode``/``forward``),
-  from ``config.json`` (``auto_map`` -> ``configuration_nvembed`` / ``modeling_nvembed`` copied into the folder);
+  from ``config.json`` (``auto_map`` -> ``configuration_nvembed`` / ``modeling_nvembed``);
 * ``sentence_transformers.SentenceTransformer(DIR, trust_remote_code=True)`` via ``modules.json`` -> ``st_nvembed``.
-
-Weights: the backbone with LoRA merged (computed from peft's ``get_delta_weight`` into a new state dict; the live
-model is not touched) under ``embedding_model.``, the latent-attention head under ``latent_attention_model.``, in
-safetensors (sharded above ``max_shard_size``).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
-from typing import Any, Dict, Optional
+from typing import Dict, Optional
 
 import torch
 
+from .. import hf as hf_package
 from . import AUTO_MAP  # defined in the torch-free package module, for is_export
 
-REMOTE_CODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "remote_code")
-REMOTE_FILES = ("configuration_nvembed.py", "modeling_nvembed.py", "st_nvembed.py")
 ST_MODULE = "st_nvembed.NVEmbedSTModule"
 DEFAULT_QUERY_INSTRUCTION = "Given a question, retrieve passages that answer the question"
-
-# backbone config keys that describe where it came from rather than what it is
-_DROP_BACKBONE_KEYS = ("_name_or_path", "_model_name_or_path", "transformers_version", "auto_map", "quantization_config", "gguf_file",
-                       "_commit_hash", "architectures")
+BACKBONE = "embedding_model."  # NVEmbedModel's attribute holding the (peft-wrapped in training) decoder
 
 
 def _unwrap(embedder):
     """The nvembed Embedder under DDP/accelerate/DeepSpeed wrappers (``.module``)."""
-    while not hasattr(embedder, "pooler") and hasattr(embedder, "module"):
+    from ..model.embedder import Embedder
+
+    while not isinstance(embedder, Embedder) and hasattr(embedder, "module"):
         embedder = embedder.module
     return embedder
 
@@ -74,33 +72,15 @@ def merged_backbone_state(backbone: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def export_state_dict(embedder) -> Dict[str, torch.Tensor]:
-    """All weights of the exported ``NVEmbedModel``: merged backbone + pooling head, on CPU, contiguous."""
-    emb = _unwrap(embedder)
-    out: Dict[str, torch.Tensor] = {}
-    for k, v in merged_backbone_state(emb.backbone).items():
-        out[f"embedding_model.{k}"] = v
-    head = getattr(emb.pooler, "head", None)
-    if emb.pooler.mode == "latent_attention":
-        for k, v in head.state_dict().items():
-            out[f"latent_attention_model.{k}"] = v.detach()
+    """All weights of the exported ``NVEmbedModel`` (its own state-dict names): the backbone with LoRA merged, every
+    other part as it is; on CPU, contiguous."""
+    model = _unwrap(embedder).model
+    out = {k: v for k, v in model.state_dict().items() if not k.startswith(BACKBONE)}
+    out.update({BACKBONE + k: v for k, v in merged_backbone_state(model.embedding_model).items()})
     out = {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
     # ZeRO-1/2 keep trainable parameters as views into one flat buffer, which safetensors refuses to save
     return {k: v.clone() if v.untyped_storage().nbytes() > v.numel() * v.element_size() else v
             for k, v in out.items()}
-
-
-def backbone_config_dict(embedder, dtype: Optional[str] = None) -> Dict[str, Any]:
-    """The backbone's transformers config (as trained: trimmed layers, bidirectional flag) as a plain dict."""
-    emb = _unwrap(embedder)
-    config = emb.base_model.config
-    d = config.to_dict()
-    for k in _DROP_BACKBONE_KEYS:
-        d.pop(k, None)
-    d["model_type"] = config.model_type
-    d["is_causal"] = not emb.cfg.bidirectional
-    d["dtype"] = dtype or emb.cfg.dtype
-    d.pop("torch_dtype", None)
-    return d
 
 
 def default_max_seq_length(embedder, run_cfg=None) -> int:
@@ -122,19 +102,14 @@ def _state_dtype(state: Dict[str, torch.Tensor]) -> Optional[str]:
     return None
 
 
-def build_config(embedder, max_seq_length: int, dtype: Optional[str] = None):
-    """The exported ``NVEmbedConfig`` (the class from ``remote_code``, the very file copied into the folder)."""
-    from .remote_code.configuration_nvembed import NVEmbedConfig
-
-    cfg = _unwrap(embedder).cfg
-    p = cfg.pooling
-    dtype = dtype or cfg.dtype
-    config = NVEmbedConfig(
-        text_config=backbone_config_dict(embedder, dtype), bidirectional=cfg.bidirectional, pooling_mode=p.mode,
-        num_latents=p.num_latents, num_heads=p.num_heads, head_dim=p.head_dim, latent_dim=p.latent_dim,
-        ff_mult=p.ff_mult, normalize=p.normalize, exclude_instruction=p.exclude_instruction,
-        query_template=cfg.query_template, add_eos=cfg.add_eos, padding_side=cfg.padding_side,
-        max_seq_length=max_seq_length, dtype=dtype)
+def export_config(embedder, max_seq_length: int, dtype: Optional[str] = None):
+    """The model's own ``NVEmbedConfig`` with what only the export decides: ``max_seq_length``, the saved weights'
+    dtype and the ``auto_map`` naming the copied files."""
+    config = copy.deepcopy(_unwrap(embedder).model.config)
+    config.max_seq_length = int(max_seq_length)
+    if dtype:
+        config.dtype = dtype
+        config.text_config.dtype = dtype
     config.architectures = ["NVEmbedModel"]
     config.auto_map = dict(AUTO_MAP)
     return config
@@ -198,10 +173,9 @@ def export_hf(embedder, folder: str, *, max_seq_length: Optional[int] = None, ru
     dtype = _state_dtype(state)
     save_torch_state_dict(state, folder, max_shard_size=max_shard_size, metadata={"format": "pt"})
     del state
-    config = build_config(emb, max_seq_length, dtype)
-    config.save_pretrained(folder)
-    for name in REMOTE_FILES:
-        shutil.copyfile(os.path.join(REMOTE_CODE_DIR, name), os.path.join(folder, name))
+    export_config(emb, max_seq_length, dtype).save_pretrained(folder)
+    for name in hf_package.FILES:
+        shutil.copyfile(os.path.join(hf_package.DIR, name), os.path.join(folder, name))
     save_tokenizer(emb, folder)
     write_sentence_transformers_files(folder, emb.cfg.query_template, max_seq_length)
     return folder

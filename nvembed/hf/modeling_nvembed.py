@@ -1,4 +1,5 @@
-"""An exported nvembed text embedder as a transformers model (remote code; needs no ``nvembed`` install).
+"""The nvembed text embedder as a transformers model: what training builds on and what an export ships (this file is
+copied into the folder as is: remote code that needs no ``nvembed`` install).
 
     from transformers import AutoModel
     model = AutoModel.from_pretrained(FOLDER, trust_remote_code=True)
@@ -16,6 +17,7 @@ padding-only mask. Pooling (NV-Embed latent attention, mean or last token) runs 
 mask with the instruction prompt tokens zeroed (they are attended to but not pooled).
 """
 
+import contextlib
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
@@ -24,10 +26,14 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 
 from .configuration_nvembed import NVEmbedConfig
+from .inputs_nvembed import build_prompt, is_full_prompt, tokenize  # noqa: F401 (public here too)
 
 
-# ---- bidirectional switch (same as nvembed.model.backbone.set_bidirectional) --------------------------------------
+# ---- bidirectional switch ------------------------------------------------------------------------------------------
 def set_bidirectional(model: nn.Module, enabled: bool = True) -> None:
+    """Switch a transformers decoder between causal and bidirectional attention, in place: transformers >= 5 builds a
+    padding-only mask when ``config.is_causal`` is False; the attention modules' own ``is_causal`` flag is cleared too
+    because SDPA / flash kernels use it when no mask is materialised (e.g. a batch without padding)."""
     configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "to_dict")}
     for c in configs.values():
         c.is_causal = not enabled
@@ -39,13 +45,15 @@ def set_bidirectional(model: nn.Module, enabled: bool = True) -> None:
             m.is_causal = not enabled
 
 
-# ---- pooling (same as nvembed.model.pooling) ----------------------------------------------------------------------
+# ---- pooling: token states [B, L, H] + pool mask [B, L] -> one vector per text --------------------------------------
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.to(hidden.dtype).unsqueeze(-1)
+    # clamp: a text made only of instruction tokens would otherwise divide by zero
     return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
 
 
 def last_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """State of the last non-padding token (the appended EOS), for either padding side."""
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     last = (attention_mask.bool() * positions).amax(dim=1)
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
@@ -59,7 +67,12 @@ class GEGLU(nn.Module):
 
 class LatentAttentionPooling(nn.Module):
     """NV-Embed latent attention: token states (queries) attend to a trainable latent array (keys/values), pre-norm,
-    residual; then a pre-norm GEGLU feed-forward with residual; then a masked mean over ``pool_mask``."""
+    residual; then a pre-norm GEGLU feed-forward with residual; then a masked mean over ``pool_mask``.
+
+    Shapes follow the public NV-Embed model: ``to_q`` hidden -> heads*head_dim, ``to_kv`` latent_dim ->
+    2*heads*head_dim, ``to_out`` back to hidden, no biases; GEGLU feed-forward of width ff_mult*hidden. With
+    hidden=4096, r=512, 8 heads and head_dim=4096 this is NV-Embed's 0.74 B-parameter head; ``head_dim`` and
+    ``latent_dim`` default to the hidden size and are configurable for small models."""
 
     def __init__(self, hidden_size: int, num_latents: int, num_heads: int, head_dim: Optional[int],
                  latent_dim: Optional[int], ff_mult: int):
@@ -96,64 +109,6 @@ class LatentAttentionPooling(nn.Module):
         return masked_mean(hidden, pool_mask)
 
 
-# ---- inputs (same as nvembed.model.inputs) -------------------------------------------------------------------------
-def is_full_prompt(instruction: str, template: str) -> bool:
-    """True when ``instruction`` is already a whole prefix in the template's form (``Instruct: {task}\\nQuery: ``),
-    as NV-Embed's ``encode(q, instruction=...)`` takes it; False for a bare task."""
-    head, sep, tail = template.partition("{instruction}")
-    head, tail, text = head.strip(), tail.strip(), instruction.strip()
-    if not sep or not (head or tail):
-        return False
-    return text.startswith(head) and text.endswith(tail) and len(text) >= len(head) + len(tail)
-
-
-def build_prompt(instruction: Optional[str], template: str) -> str:
-    """A bare task wrapped in ``template``; a full prefix kept as given; empty for no instruction."""
-    if not instruction:
-        return ""
-    return instruction if is_full_prompt(instruction, template) else template.format(instruction=instruction)
-
-
-def tokenize(tokenizer, texts: Sequence[str], prompts: Optional[Sequence[str]] = None, *, max_length: int = 512,
-             add_eos: bool = True, exclude_prompt: bool = True) -> Dict[str, torch.Tensor]:
-    """``input_ids``, ``attention_mask`` and ``pool_mask`` (attention mask minus the prompt tokens, found by
-    character offsets; a token straddling the prompt/text boundary counts as text). EOS appended."""
-    prompts = list(prompts) if prompts is not None else [""] * len(texts)
-    if len(prompts) != len(texts):
-        raise ValueError("tokenize: one prompt per text")
-    full = [p + t for p, t in zip(prompts, texts)]
-    room = max_length - (1 if add_eos else 0)
-    enc = tokenizer(full, add_special_tokens=True, truncation=True, max_length=room,
-                    return_offsets_mapping=getattr(tokenizer, "is_fast", False))
-    rows, prompt_lens = [], []
-    for i, ids in enumerate(enc["input_ids"]):
-        ids = list(ids)
-        if add_eos and tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
-            ids.append(tokenizer.eos_token_id)
-        n_prompt = 0
-        if exclude_prompt and prompts[i]:
-            if "offset_mapping" in enc:
-                end = len(prompts[i])
-                n_prompt = sum(1 for (s, e) in enc["offset_mapping"][i] if e <= end)
-            else:
-                n_prompt = len(tokenizer(prompts[i], add_special_tokens=True)["input_ids"])
-            n_prompt = min(n_prompt, len(ids) - 1)
-        rows.append(ids)
-        prompt_lens.append(n_prompt)
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    left = getattr(tokenizer, "padding_side", "right") == "left"
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    pool = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (ids, n_prompt) in enumerate(zip(rows, prompt_lens)):
-        start = width - len(ids) if left else 0
-        input_ids[i, start:start + len(ids)] = torch.tensor(ids)
-        attention[i, start:start + len(ids)] = 1
-        pool[i, start + n_prompt:start + len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention, "pool_mask": pool}
-
-
 # ---- the model ------------------------------------------------------------------------------------------------------
 class NVEmbedPreTrainedModel(PreTrainedModel):
     config_class = NVEmbedConfig
@@ -173,11 +128,15 @@ class NVEmbedPreTrainedModel(PreTrainedModel):
 
 class NVEmbedModel(NVEmbedPreTrainedModel):
     """Bidirectional decoder backbone (``embedding_model``) + pooling head (``latent_attention_model`` for the
-    latent-attention mode). ``encode`` embeds raw texts; ``forward`` embeds tokenized inputs."""
+    latent-attention mode). ``encode`` embeds raw texts; ``forward`` embeds tokenized inputs.
 
-    def __init__(self, config: NVEmbedConfig):
+    ``embedding_model``: a backbone built (and initialised or loaded) by the caller, e.g. nvembed's trainer, which
+    loads a pretrained decoder and wraps it with LoRA first; default: a fresh one from ``config.text_config``."""
+
+    def __init__(self, config: NVEmbedConfig, embedding_model: Optional[nn.Module] = None):
         super().__init__(config)
-        self.embedding_model = AutoModel.from_config(config.text_config)
+        given = embedding_model is not None
+        self.embedding_model = embedding_model if given else AutoModel.from_config(config.text_config)
         if config.pooling_mode == "latent_attention":
             self.latent_attention_model = LatentAttentionPooling(
                 config.text_config.hidden_size, config.num_latents, config.num_heads, config.head_dim,
@@ -187,6 +146,9 @@ class NVEmbedModel(NVEmbedPreTrainedModel):
         else:
             raise ValueError(f"unknown pooling_mode '{config.pooling_mode}' (latent_attention, mean, last_token)")
         self._tokenizer = None
+        if given:  # the parts are initialised already (torch's init for the head): post_init must not draw them
+            for m in self.modules():  # again (it would also re-draw LoRA's zero-initialised B matrices)
+                m._is_hf_initialized = True
         self.post_init()
         set_bidirectional(self.embedding_model, config.bidirectional)
 
@@ -253,12 +215,14 @@ class NVEmbedModel(NVEmbedPreTrainedModel):
     @torch.no_grad()
     def encode(self, texts: Union[str, Sequence[str]], instruction: str = "", max_length: Optional[int] = None,
                batch_size: int = 32, prompt: Optional[str] = None, convert_to_numpy: bool = False,
-               show_progress: bool = False, **kwargs):
+               show_progress: bool = False, autocast_dtype: Optional[torch.dtype] = None, **kwargs):
         """Embed texts, called as NV-Embed's ``encode(texts, instruction, max_length)``. A query gets ``instruction``:
         NV-Embed's full prefix (``"Instruct: {task}\\nQuery: "``) is used as given, a bare task is wrapped in
         ``config.query_template``; both give the same embeddings. ``prompt`` is any other prefix, used verbatim.
         Documents get neither. The prefix tokens are attended to but not pooled. ``max_length`` bounds the whole row
         (BOS + prefix + text + EOS), as NV-Embed's does, EOS kept last (default ``config.max_seq_length``).
+        ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the forward under ``torch.autocast``; default: the weights'
+        own dtype. nvembed's training evaluation calls this very method, so its scores come from the same path.
         Returns a float32 CPU ``torch.Tensor`` [n, hidden] (numpy with ``convert_to_numpy=True``), L2-normalised if
         ``config.normalize``."""
         if isinstance(texts, str):
@@ -274,10 +238,13 @@ class NVEmbedModel(NVEmbedPreTrainedModel):
         if show_progress:
             from tqdm.auto import tqdm
             starts = tqdm(starts, desc="encode", leave=False)
+        precision = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                     else contextlib.nullcontext())
         for s in starts:
             idx = order[s:s + batch_size]
             feats = self.tokenize([texts[i] for i in idx], [prefix] * len(idx), max_length)
-            emb = self(**{k: v.to(device) for k, v in feats.items()})
+            with precision:
+                emb = self(**{k: v.to(device) for k, v in feats.items()})
             for j, i in enumerate(idx):
                 out[i] = emb[j].float().cpu()
         self.train(was_training)
@@ -285,4 +252,5 @@ class NVEmbedModel(NVEmbedPreTrainedModel):
         return result.numpy() if convert_to_numpy else result
 
 
-__all__ = ["NVEmbedModel", "NVEmbedPreTrainedModel"]
+__all__ = ["NVEmbedModel", "NVEmbedPreTrainedModel", "LatentAttentionPooling", "set_bidirectional", "build_prompt",
+           "is_full_prompt", "tokenize"]
