@@ -1,4 +1,4 @@
-"""Collectives for cross-device negatives."""
+"""Collectives for cross-device negatives, decide-on-main-and-share, and the no-sync context of accumulation."""
 
 from __future__ import annotations
 
@@ -50,10 +50,6 @@ def on_main(acc, fn, errors):
     if box[1] is not None:
         raise box[1][0](box[1][1])
     return box[0]
-
-
-def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
 
 
 @contextmanager
