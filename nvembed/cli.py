@@ -12,7 +12,6 @@ from typing import List, Optional, Tuple
 
 from . import errors, paths
 from .config import ConfigError, RunConfig, check_key, describe, validate
-from .paths import resolve_path  # noqa: F401  (training/evaluation.py imports it from here)
 
 # Hydra should not write its own output folders or reconfigure logging: the run directory is ours
 HYDRA_QUIET = ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=none", "hydra/hydra_logging=none"]

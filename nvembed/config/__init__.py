@@ -5,8 +5,6 @@ from .load import ConfigError, check_key, describe, model_from_dict, to_dict, va
 from .schema import (CHOICES, MISSING, EvalConfig, ExcludedDataset, LoggingConfig, LoraConfig, LossConfig, ModelConfig,
                      PoolingConfig, Range, RunConfig, StageConfig, ranged)
 
-to_dict_model = to_dict  # the name nvembed/model/embedder.py and nvembed/export call it by
-
 __all__ = ["CHOICES", "MISSING", "ConfigError", "EvalConfig", "ExcludedDataset", "LoggingConfig", "LoraConfig",
            "LossConfig", "ModelConfig", "PoolingConfig", "Range", "RunConfig", "StageConfig", "check_key", "describe",
-           "model_from_dict", "ranged", "to_dict", "to_dict_model", "validate"]
+           "model_from_dict", "ranged", "to_dict", "validate"]

@@ -159,7 +159,7 @@ def export_model(embedder, folder: str, run_cfg: Any = None, *,
     ``config_sentence_transformers.json``, ``README.md`` and ``nvembed_training.json``. Returns ``folder``.
     ``model_card_extra``: dict (license, language, datasets, tags, base_model, title, description, notes) or text.
     """
-    from ..config import to_dict_model
+    from ..config import to_dict
     from .hf import _unwrap, export_hf
     from .model_card import render_model_card, run_config_dict, scrub, training_record, write_model_card, \
         write_training_record
@@ -167,7 +167,7 @@ def export_model(embedder, folder: str, run_cfg: Any = None, *,
     check_export_dir(folder)  # never into training weights or a foreign folder, even when called as a library
     emb = _unwrap(embedder)
     export_hf(emb, folder, max_seq_length=max_seq_length, run_cfg=run_cfg, max_shard_size=max_shard_size)
-    model_cfg = scrub(to_dict_model(emb.cfg))
+    model_cfg = scrub(to_dict(emb.cfg))
     with open(os.path.join(folder, "config.json")) as f:
         config_json = json.load(f)
     extra = model_card_extra if isinstance(model_card_extra, dict) else None

@@ -132,9 +132,9 @@ class Embedder(nn.Module):
     def save_weights(self, folder: str, state: Optional[Dict[str, torch.Tensor]] = None) -> None:
         os.makedirs(folder, exist_ok=True)
         save_file(state if state is not None else self.trainable_state_dict(), os.path.join(folder, WEIGHTS))
-        from ..config import to_dict_model
+        from ..config import to_dict
         with open(os.path.join(folder, MODEL_CONFIG), "w") as f:
-            json.dump(to_dict_model(self.cfg), f, indent=2)
+            json.dump(to_dict(self.cfg), f, indent=2)
 
     def load_weights(self, folder: str, strict: bool = True) -> None:
         path = os.path.join(folder, WEIGHTS)
