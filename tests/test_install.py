@@ -26,8 +26,8 @@ def _files(root):
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
-    """``pip install --target SITE`` of the sources, without network or build isolation: (SITE, a working
-    directory that is not the checkout, the environment that puts SITE first on the path)."""
+    """``pip install --target SITE`` of the sources, without network or build isolation: (SITE, the environment
+    that puts SITE first on the path)."""
     tmp = tmp_path_factory.mktemp("install")
     src = tmp / "src"  # a copy: the build writes build/ and *.egg-info beside the sources it is given
     src.mkdir()
@@ -40,51 +40,50 @@ def installed(tmp_path_factory):
     r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                         "--no-index", "--target", str(site), str(src)], capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
-    cwd = tmp / "elsewhere"
-    cwd.mkdir()
     env = dict(os.environ, PYTHONPATH=str(site))  # before the checkout's editable install on sys.path
-    return site, cwd, env
+    return site, env
 
 
-def _run(installed, script, *args):
-    site, cwd, env = installed
+def _run(installed, cwd, script, *args):
+    """The console script run in ``cwd``, a folder outside the checkout."""
+    site, env = installed
     return subprocess.run([str(site / "bin" / script), *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=300)
 
 
 def test_wheel_bundles_every_recipe_and_spec(installed):
-    site, _, _ = installed
+    site, _ = installed
     for name in BUNDLED:
         assert _files(site / "nvembed" / "_bundled" / name) == _files(os.path.join(REPO, name)), name
 
 
-def test_check_recipe_script_uses_the_installed_bundle(installed):
-    site, cwd, _ = installed
-    r = _run(installed, "nvembed-check-recipe", "smok")
+def test_check_recipe_script_uses_the_installed_bundle(installed, tmp_path):
+    site, _ = installed
+    r = _run(installed, tmp_path, "nvembed-check-recipe", "smok")
     assert r.returncode == 2, r.stderr
     bundled = site / "nvembed" / "_bundled" / "recipes"
     assert r.stderr.strip() == (f"nvembed: config error: No recipe 'smok' (looked for smok.yaml in {bundled}); "
                                 f"recipes: demo, nvembed_v1, nvembed_v2, smoke")
-    assert os.listdir(cwd) == []
+    assert os.listdir(tmp_path) == []
 
 
-def test_train_dry_run_from_another_directory(installed):
-    _, cwd, _ = installed
-    r = _run(installed, "nvembed-train", "--config-name=smoke", "dry_run=true", f"output_dir={cwd / 'dry'}")
+def test_train_dry_run_from_another_directory(installed, tmp_path):
+    r = _run(installed, tmp_path, "nvembed-train", "--config-name=smoke", "dry_run=true",
+             f"output_dir={tmp_path / 'dry'}")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "6 dataset rows: 6 ok" in r.stdout and "demo/medquad.yaml" in r.stdout
-    assert os.listdir(cwd) == []  # nothing written, not even Hydra's outputs/
+    assert os.listdir(tmp_path) == []  # nothing written, not even Hydra's outputs/
 
 
-def test_smoke_run_and_export_from_another_directory(installed):
+def test_smoke_run_and_export_from_another_directory(installed, tmp_path):
     """A real (1-step) run: the recipe's relative tokenizer path, the data specs and the exported model's code all
     come from the installed package."""
-    site, cwd, _ = installed
-    out = cwd / "run"
-    r = _run(installed, "nvembed-train", "--config-name=smoke", f"output_dir={out}", "stages=[stage1]",
+    site, _ = installed
+    out = tmp_path / "run"
+    r = _run(installed, tmp_path, "nvembed-train", "--config-name=smoke", f"output_dir={out}", "stages=[stage1]",
              "stage_defs.stage1.max_steps=1", "logging.progress_bar=false")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert sorted(os.listdir(cwd)) == ["run"]
+    assert os.listdir(tmp_path) == ["run"]
     with open(out / "config.yaml") as f:
         tokenizer = [line.split(":", 1)[1].strip() for line in f if line.strip().startswith("tokenizer:")]
     assert tokenizer == [str(site / "nvembed" / "_bundled" / "recipes" / "assets" / "tiny-tokenizer")]
