@@ -244,6 +244,24 @@ def test_loaded_checkpoint_equals_nvembed_forward(ckpt, embedder):
     assert np.abs(mean - docs).max() > 1e-2
 
 
+def test_weight_listing_read_once_per_start(ckpt, tmp_path):
+    """One start (tokenizer, decoder checks and load, head) lists the shards' keys and shapes once; a folder whose
+    files changed is listed again."""
+    from nvembed.model import nvembed_layout
+
+    nvembed_layout._read_checkpoint.cache_clear()
+    build_embedder(model_cfg(ckpt), seed=0)
+    info = nvembed_layout._read_checkpoint.cache_info()
+    assert info.misses == 1 and info.hits >= 3, info
+    copy = str(tmp_path / "copy")
+    shutil.copytree(ckpt, copy)
+    assert nvembed_layout.read_checkpoint(copy).head["num_cross_heads"] == 2
+    c = json.load(open(os.path.join(copy, "config.json")))
+    c["latent_attention_config"]["num_cross_heads"] = 4
+    json.dump(c, open(os.path.join(copy, "config.json"), "w"), indent=4)  # rewritten: a new mtime
+    assert nvembed_layout.read_checkpoint(copy).head["num_cross_heads"] == 4
+
+
 def _broken_copy(src, dst, edit_weights=None, edit_config=None, reindex=True):
     shutil.copytree(src, dst)
     if edit_config:
