@@ -109,8 +109,9 @@ def test_training_and_exported_model_agree(name, tmp_path_factory):
 @pytest.mark.parametrize("name", ["default", "mean"])
 def test_bf16_autocast_same_rule_both_sides(name, tmp_path_factory):
     """``autocast_dtype=torch.bfloat16`` is one argument of one encode, applied alike on both sides. The training
-    model runs LoRA unmerged (two more bf16 matmuls) and the export merged, so they agree within bf16 rounding (the
-    size of bf16's own deviation from fp32 here, ~2e-2 at most), not bit for bit; both exported loaders agree exactly."""
+    model runs LoRA unmerged (two more bf16 matmuls) and the export merged, so they agree within bf16 rounding
+    (the size of bf16's own deviation from fp32 here, ~2e-2 at most), not bit for bit; both exported loaders agree
+    exactly."""
     emb, remote, own = _built(name, tmp_path_factory)
     full, full_got = _encode_all(emb, remote, own, TASK, 64)
     ref, got = _encode_all(emb, remote, own, TASK, 64, autocast_dtype=torch.bfloat16)

@@ -175,7 +175,9 @@ def render_model_card(config_json: Dict[str, Any], model: Dict[str, Any], run: D
                    f"latent dim {config_json.get('latent_dim') or text.get('hidden_size')}, GEGLU FFN x{config_json.get('ff_mult')}) "
                    "then masked mean")
     else:
-        out.append(f"- **Pooling:** {'masked mean' if mode == 'mean' else 'last token (EOS)'}")
+        from ..hf.modeling_nvembed import POOLING_MODES
+
+        out.append(f"- **Pooling:** {POOLING_MODES.get(mode, mode)}")
     out += [
         f"- **Instruction tokens:** {'excluded from pooling (still attended to)' if config_json.get('exclude_instruction', True) else 'pooled'}; "
         f"query template `{json.dumps(template)[1:-1]}`; documents get no prompt; EOS appended: {config_json.get('add_eos')}",

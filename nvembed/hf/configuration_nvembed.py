@@ -31,7 +31,7 @@ class NVEmbedConfig(PretrainedConfig):
     Args:
         text_config: the decoder backbone's config (dict with ``model_type`` or a config object).
         bidirectional: remove the causal mask at load (``config.is_causal=False`` and every module's ``is_causal``).
-        pooling_mode: ``latent_attention`` (NV-Embed), ``mean`` or ``last_token``.
+        pooling_mode: ``latent_attention`` (NV-Embed), ``mean`` or ``last_token`` (``modeling_nvembed.POOLING_MODES``).
         num_latents, num_heads, head_dim, latent_dim, ff_mult: latent-attention head shape (head_dim / latent_dim
             None = hidden size).
         normalize: L2-normalise the embeddings.

@@ -59,6 +59,15 @@ def last_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tens
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
+# every pooling mode with how a model card describes it; a new mode adds a line here, a branch in NVEmbedModel.pool
+# (and its parameters, if any, in __init__) and its name to nvembed's config choices
+POOLING_MODES = {
+    "latent_attention": "NV-Embed latent attention, then masked mean",
+    "mean": "masked mean",
+    "last_token": "last token (EOS)",
+}
+
+
 class GEGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, gate = x.chunk(2, dim=-1)
@@ -141,10 +150,10 @@ class NVEmbedModel(NVEmbedPreTrainedModel):
             self.latent_attention_model = LatentAttentionPooling(
                 config.text_config.hidden_size, config.num_latents, config.num_heads, config.head_dim,
                 config.latent_dim, config.ff_mult)
-        elif config.pooling_mode in ("mean", "last_token"):
+        elif config.pooling_mode in POOLING_MODES:
             self.latent_attention_model = None
         else:
-            raise ValueError(f"unknown pooling_mode '{config.pooling_mode}' (latent_attention, mean, last_token)")
+            raise ValueError(f"unknown pooling_mode '{config.pooling_mode}' ({', '.join(POOLING_MODES)})")
         self._tokenizer = None
         if given:  # the parts are initialised already (torch's init for the head): post_init must not draw them
             for m in self.modules():  # again (it would also re-draw LoRA's zero-initialised B matrices)
@@ -252,5 +261,5 @@ class NVEmbedModel(NVEmbedPreTrainedModel):
         return result.numpy() if convert_to_numpy else result
 
 
-__all__ = ["NVEmbedModel", "NVEmbedPreTrainedModel", "LatentAttentionPooling", "set_bidirectional", "build_prompt",
-           "is_full_prompt", "tokenize"]
+__all__ = ["NVEmbedModel", "NVEmbedPreTrainedModel", "LatentAttentionPooling", "POOLING_MODES", "set_bidirectional",
+           "build_prompt", "is_full_prompt", "tokenize"]

@@ -9,10 +9,10 @@ becomes the pooling head, both trainable as usual (LoRA on the backbone, head fu
   ``hidden_dim`` / ``latent_dim`` / ``cross_dim_head`` 4096: their defaults where a key is absent, as in v2).
 * ``model.safetensors`` or shards listed in ``model.safetensors.index.json``; tokenizer files beside them.
 
-Key map, NV-Embed -> nvembed's ``NVEmbedModel`` (d = decoder hidden size, r latents, h heads of width dh; ``L.`` stands for
-``latent_attention_model.`` and ``B.`` for ``L.cross_attend_blocks.``):
+Key map, NV-Embed -> nvembed's ``NVEmbedModel`` (d = decoder hidden size, r latents, h heads of width dh; ``L.``
+stands for ``latent_attention_model.`` and ``B.`` for ``L.cross_attend_blocks.``):
 
-* ``embedding_model.<k>``                  -> backbone ``<k>`` (plain Mistral keys, shapes from ``text_config``)
+* ``embedding_model.<k>``                  -> ``embedding_model.<k>`` (plain Mistral keys, shapes from ``text_config``)
 * ``L.latents`` [r, d]                      -> ``L.latents``
 * ``B.0.norm.{weight,bias}`` [d]            -> ``L.norm`` (LayerNorm of the token states)
 * ``B.0.norm_context.{weight,bias}`` [d]    -> ``L.norm_context`` (LayerNorm of the latents)
