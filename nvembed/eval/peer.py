@@ -1,0 +1,416 @@
+"""Quality per compute against the sentence-transformers peer (issue #16): a recipe's nvembed run and a plain
+sentence-transformers run trained for the same wall-clock seconds, both evaluated on the same suite, over seeds.
+
+The peer is what a sentence-transformers user gets for this job with its defaults: the recipe's backbone and layers
+with causal attention (a decoder's own), mean pooling, ``MultipleNegativesRankingLoss`` (in-batch negatives plus the
+hard negatives), the recipe's LoRA (``nvembed.model.apply_lora``: r, alpha, dropout, target modules), and the very
+batches of the recipe's first stage (nvembed's own batcher at the run's seed: same examples, same hard negatives, same
+instructions, same order), at that stage's batch size and learning rate. It trains until the nvembed run's training
+seconds (its ``stage_summary`` events, checkpoint saves included) are spent; its learning rate decays linearly in
+wall-clock time to zero at the budget (sentence-transformers' default linear schedule, with time for steps: the step
+count is not known beforehand).
+
+Layout::
+
+    OUT/nvembed/seed=S/                 the nvembed run (train/train.py), its export final/
+    OUT/nvembed/seed=S/peer_eval.json   suite result of final/
+    OUT/peer/seed=S/model/              the peer (LoRA merged): a plain sentence-transformers folder
+    OUT/peer/seed=S/train.json          budget, seconds, steps, losses; written last, it marks the peer finished
+    OUT/peer/seed=S/eval.json           suite result of model/
+    OUT/peer.json, OUT/peer.md          per seed, then mean ± sample std over seeds and of the difference
+
+Re-running continues: finished runs and evaluations are kept (an unfinished nvembed run is resumed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+from transformers import TrainerCallback
+
+from ..errors import UserError
+
+TYPES = ("retrieval", "sts", "classification", "clustering")
+NVEMBED, PEER = "nvembed", "peer"
+EVAL_FILE = "peer_eval.json"
+BUDGET_SLACK_S = 0.5
+"""A finished peer is kept when its budget differs from the nvembed run's seconds by at most this much."""
+
+
+class PeerError(UserError, ValueError):
+    """A peer comparison cannot run as asked (bad seeds or suite, a training that failed); names the argument or
+    the run folder."""
+
+    kind = "peer"
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _read_json(path: str) -> Optional[Any]:
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+# ---- the nvembed side --------------------------------------------------------------------------------------------
+def training_time(run_dir: str) -> Optional[Tuple[float, int]]:
+    """(training seconds, optimizer steps) of a finished run: the sum over its stages of the last ``stage_summary``
+    event of each (a resumed stage logs one for the part it ran). None while a stage has none or no export exists."""
+    from ..rundir import RunDir
+    from ..training.tracking import read_metrics
+
+    rd = RunDir(run_dir)
+    if not os.path.isfile(rd.config) or not os.path.isfile(os.path.join(rd.final, "config.json")):
+        return None
+    stages = list(rd.load_config().stages)
+    last = {r["stage"]: r for r in read_metrics(run_dir) if r.get("event") == "stage_summary"}
+    if any(s not in last for s in stages):
+        return None
+    return sum(float(last[s]["seconds"]) for s in stages), sum(int(last[s]["steps"]) for s in stages)
+
+
+def _quote(value: str) -> str:
+    """A Hydra override value taken literally (a folder may hold ``=`` or ``,``)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def train_command(recipe: str, sweep_dir: str, seeds: Sequence[int], extra: Sequence[str], resume: bool) -> List[str]:
+    """One ``train/train.py -m`` process over the seeds (one interpreter start, not one per seed): Hydra names each
+    run ``SWEEP_DIR/seed=S``; ``choice(...)`` keeps a single seed a sweep, named the same way."""
+    from ..paths import SOURCE_ROOT
+
+    cmd = [sys.executable, os.path.join(SOURCE_ROOT, "train", "train.py"), "-m", f"--config-name={recipe}",
+           f"output_dir={_quote(sweep_dir)}", "seed=choice(" + ",".join(str(s) for s in seeds) + ")",
+           "eval.enabled=false", "export_final=true", *extra]
+    return cmd + (["resume=true"] if resume else [])
+
+
+def check_extra(extra: Sequence[str]) -> None:
+    """``--set`` values change every run; a comma list (a sweep) would make runs this comparison cannot name."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    from ..config import check_key
+
+    for e in extra:
+        check_key(e.split("=", 1)[0].lstrip("+~"))  # a misspelled key fails here, not in the training process
+        try:
+            (o,) = OverridesParser.create().parse_overrides([e])
+        except (OverrideParseException, ValueError) as err:
+            raise PeerError(f"--set {e!r}: not a key=value override ({str(err).splitlines()[0]})") from None
+        if o.is_sweep_override() or o.key_or_group in ("seed", "output_dir", "resume"):
+            raise PeerError(f"--set {e!r}: give one value per key (seeds go in --seeds, the folder in --out)")
+
+
+def train_nvembed(recipe: str, sweep_dir: str, seeds: Sequence[int], extra: Sequence[str],
+                  log: Callable[[str], None]) -> List[int]:
+    """Train (or resume) the recipe for the seeds whose run in ``SWEEP_DIR/seed=S`` has not finished; returns the
+    seeds still unfinished afterwards (their messages are above)."""
+    from ..rundir import RunDir
+
+    todo = [s for s in seeds if training_time(os.path.join(sweep_dir, f"seed={s}")) is None]
+    if todo:
+        started = any(RunDir(os.path.join(sweep_dir, f"seed={s}")).is_run() for s in todo)
+        cmd = train_command(recipe, sweep_dir, todo, extra, resume=started)
+        log("[peer] " + " ".join(cmd))
+        code = subprocess.run(cmd).returncode
+        if code != 0:
+            log(f"[peer] nvembed training exited with {code}")
+    return [s for s in todo if training_time(os.path.join(sweep_dir, f"seed={s}")) is None]
+
+
+# ---- the sentence-transformers side ------------------------------------------------------------------------------
+Rows = Callable[[], Iterator[Dict[str, str]]]
+
+
+def peer_rows(cfg, stage: str, log: Callable[[str], None]) -> Tuple[Rows, List[str]]:
+    """The stage's batches as nvembed's trainer draws them (:func:`nvembed.preflight.load_stage`, the run's seed),
+    flattened into sentence-transformers rows in order: ``anchor`` (instruction prompt + query), ``positive`` and one
+    ``negative_i`` column per hard negative. Returns (a function giving the endless rows from step 0, column
+    names)."""
+    from ..model import build_prompt
+    from ..paths import specs_root
+    from ..preflight import load_stage
+
+    st = cfg.stage_defs[stage]
+    data = load_stage(cfg, stage, specs_root(), log=log)
+    template = cfg.model.query_template
+    negs = [f"negative_{i + 1}" for i in range(st.num_hard_negatives)]
+
+    def rows() -> Iterator[Dict[str, str]]:
+        step = 0
+        while True:
+            for ex in data.batch(step):
+                prompt = build_prompt(ex.instruction, template)
+                doc = prompt if ex.symmetric else ""  # symmetric tasks (STS) put the instruction on both sides
+                row = {"anchor": prompt + ex.query, "positive": doc + ex.positive}
+                row.update({c: doc + t for c, t in zip(negs, ex.negatives)})
+                yield row
+            step += 1
+
+    return rows, ["anchor", "positive"] + negs
+
+
+def build_peer(cfg, folder: str):
+    """The recipe's backbone and layers, causal, saved to ``folder`` as a plain transformers folder, loaded as a
+    sentence-transformers model (Transformer + mean Pooling) with the recipe's LoRA on the transformer."""
+    import dataclasses
+
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+
+    from ..model import apply_lora, load_backbone, load_tokenizer
+
+    m = dataclasses.replace(cfg.model, bidirectional=False, compile=False)
+    torch.manual_seed(cfg.seed)  # as build_embedder: a random-init backbone is the nvembed run's own
+    tok = load_tokenizer(m)
+    backbone = load_backbone(m, vocab_size=len(tok))
+    backbone.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    stages = [cfg.stage_defs[s] for s in cfg.stages[:1]]
+    max_len = max(max(s.query_max_length, s.doc_max_length) for s in stages)
+    tr = Transformer(folder, max_seq_length=max_len)
+    model = SentenceTransformer(modules=[tr, Pooling(tr.get_embedding_dimension(), "mean")], device="cpu")
+    tr.model = apply_lora(tr.model, m)
+    return model
+
+
+class TimeBudget(TrainerCallback):
+    """Stops training when the next step would end past ``seconds`` (on average), so the peer trains the budget
+    to within half a step; gives the learning-rate factor of a linear decay in wall-clock time."""
+
+    def __init__(self, seconds: float, warmup_steps: int):
+        self.budget, self.warmup = float(seconds), int(warmup_steps)
+        self.t0: Optional[float] = None
+        self.elapsed, self.steps, self.last_step, self.losses = 0.0, 0, 0.0, []
+
+    def lr_factor(self, step: int) -> float:
+        warm = min(1.0, step / self.warmup) if self.warmup else 1.0
+        spent = 0.0 if self.t0 is None else time.perf_counter() - self.t0
+        return warm * max(0.0, 1.0 - spent / self.budget)
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        now = time.perf_counter() - self.t0
+        self.elapsed, self.steps, self.last_step = now, state.global_step, now - self.elapsed
+        if self.elapsed + 0.5 * self.elapsed / max(1, self.steps) >= self.budget:
+            control.should_training_stop = True
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "loss" in logs:
+            self.losses.append(float(logs["loss"]))
+
+
+def train_peer(cfg, budget_s: float, out_dir: str, log: Callable[[str], None]) -> Dict[str, Any]:
+    """Train the peer for ``budget_s`` wall-clock seconds on the first stage's batches; save it to
+    ``out_dir/model`` and return (and write, last) ``out_dir/train.json``."""
+    import torch
+    from datasets import DatasetInfo, Features, IterableDataset, Value
+    from datasets.iterable_dataset import ExamplesIterable
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from ..training.trainer import resolve_precision
+
+    stage = cfg.stages[0]
+    st = cfg.stage_defs[stage]
+    os.makedirs(out_dir, exist_ok=True)
+    work = os.path.join(out_dir, "work")
+    shutil.rmtree(work, ignore_errors=True)
+    rows, columns = peer_rows(cfg, stage, log)  # data read before the clock starts, as nvembed's setup does
+    model = build_peer(cfg, os.path.join(work, "backbone"))
+    clock = TimeBudget(budget_s, st.warmup_steps)
+
+    class _Trainer(SentenceTransformerTrainer):
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            if self.lr_scheduler is None:
+                self.lr_scheduler = LambdaLR(optimizer or self.optimizer, clock.lr_factor)
+            return self.lr_scheduler
+
+    precision = resolve_precision(cfg.precision)  # the nvembed run's mixed precision on this machine
+    args = SentenceTransformerTrainingArguments(
+        output_dir=os.path.join(work, "trainer"), per_device_train_batch_size=st.batch_size,
+        learning_rate=st.learning_rate, weight_decay=st.weight_decay, max_grad_norm=st.max_grad_norm,
+        max_steps=10**9,  # the clock stops it
+        save_strategy="no", report_to="none", logging_steps=1, disable_tqdm=True, seed=cfg.seed,
+        bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not torch.cuda.is_available(),
+        dataloader_drop_last=True)
+    # built directly, not with from_generator: that one hashes the generator (and the memory-mapped data it holds)
+    data = IterableDataset(ExamplesIterable(lambda: enumerate(rows()), {}),
+                           info=DatasetInfo(features=Features({c: Value("string") for c in columns})))
+    trainer = _Trainer(model=model, args=args, train_dataset=data, loss=MultipleNegativesRankingLoss(model),
+                       callbacks=[clock])
+    log(f"[peer] training sentence-transformers for {budget_s:.1f}s: batch {st.batch_size}, lr {st.learning_rate:g}, "
+        f"{len(columns) - 2} hard negatives, {precision} precision")
+    trainer.train()
+    tr = model[0]
+    tr.model = tr.model.merge_and_unload()  # a plain transformers model again: the folder loads without peft
+    final, tmp = os.path.join(out_dir, "model"), os.path.join(out_dir, "model.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save(tmp, create_model_card=False)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    shutil.rmtree(work, ignore_errors=True)
+    info = {"budget_seconds": budget_s, "seconds": round(clock.elapsed, 2), "steps": clock.steps,
+            "seconds_per_step": round(clock.elapsed / max(1, clock.steps), 3),
+            "last_step_seconds": round(clock.last_step, 3),
+            "first_loss": clock.losses[0] if clock.losses else None,
+            "last_loss": clock.losses[-1] if clock.losses else None, "stage": stage, "batch_size": st.batch_size,
+            "learning_rate": st.learning_rate, "precision": precision}
+    _write_json(os.path.join(out_dir, "train.json"), info)
+    log(f"[peer] trained {clock.steps} steps in {clock.elapsed:.1f}s (budget {budget_s:.1f}s)")
+    return info
+
+
+def ensure_peer(cfg, budget_s: float, out_dir: str, log: Callable[[str], None]) -> Dict[str, Any]:
+    """The peer of a run: kept when it finished with the same budget, else (re)trained."""
+    info = _read_json(os.path.join(out_dir, "train.json"))
+    same = info is not None and abs(info["budget_seconds"] - budget_s) <= BUDGET_SLACK_S
+    if same and os.path.isdir(os.path.join(out_dir, "model")):
+        log(f"[peer] {out_dir}: finished earlier, kept")
+        return info
+    for stale in ("train.json", "eval.json"):
+        if os.path.exists(os.path.join(out_dir, stale)):
+            os.remove(os.path.join(out_dir, stale))
+    return train_peer(cfg, budget_s, out_dir, log)
+
+
+# ---- evaluation and the table ------------------------------------------------------------------------------------
+def evaluate(model_dir: str, suite: str, cache: str, max_length: int, log: Callable[[str], None]) -> Dict[str, Any]:
+    """Suite result of a model folder through :func:`nvembed.eval.encoders.load_encoder` (instructions on, the
+    recipe's evaluation length), cached in ``cache`` while it is newer than the model."""
+    stamp = os.path.getmtime(os.path.join(model_dir, "config.json"))
+    res = _read_json(cache)
+    if res is not None and res.get("suite_path") == suite and os.path.getmtime(cache) >= stamp:
+        return res
+    from .encoders import load_encoder
+    from .suite import run_suite
+
+    log(f"[peer] evaluating {model_dir}")
+    res = run_suite(load_encoder(model_dir, use_instructions=True, max_seq_length=max_length), suite)
+    res["suite_path"] = suite
+    _write_json(cache, res)
+    return res
+
+
+def mean_std(vals: Sequence[float]) -> Tuple[Optional[float], Optional[float]]:
+    """Mean and sample standard deviation (0 for one value; None for none)."""
+    if not vals:
+        return None, None
+    m = sum(vals) / len(vals)
+    return m, (math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0)
+
+
+def scores(result: Dict[str, Any]) -> Dict[str, float]:
+    """Suite average and per-type averages, x100."""
+    return {k: 100 * v for k, v in result["average"].items()}
+
+
+def summarize(seeds: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, Tuple[Optional[float], Optional[float]]]]:
+    """Per score key (``all`` and each task type): mean ± std over seeds of nvembed, of the peer and of the per-seed
+    difference nvembed - peer."""
+    out: Dict[str, Dict[str, Tuple[Optional[float], Optional[float]]]] = {NVEMBED: {}, PEER: {}, "difference": {}}
+    for key in ("all",) + TYPES:
+        both = [s for s in seeds if key in s[NVEMBED]["scores"] and key in s[PEER]["scores"]]
+        out[NVEMBED][key] = mean_std([s[NVEMBED]["scores"][key] for s in both])
+        out[PEER][key] = mean_std([s[PEER]["scores"][key] for s in both])
+        out["difference"][key] = mean_std([s[NVEMBED]["scores"][key] - s[PEER]["scores"][key] for s in both])
+    return out
+
+
+def _cell(ms: Tuple[Optional[float], Optional[float]], sign: bool = False) -> str:
+    m, sd = ms
+    return "-" if m is None else (f"{m:+.2f} ± {sd:.2f}" if sign else f"{m:.2f} ± {sd:.2f}")
+
+
+def format_table(seeds: Sequence[Dict[str, Any]], summary: Dict[str, Any]) -> str:
+    """Markdown: one row per seed and model (scores x100, training seconds and steps), then mean ± sample std over
+    seeds for both models and for the per-seed difference."""
+    keys = ("all",) + TYPES
+    head = ["seed", "model", "train s", "steps"] + ["avg" if k == "all" else k for k in keys]
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
+    for s in seeds:
+        for who in (NVEMBED, PEER):
+            r = s[who]
+            cells = [str(s["seed"]), who, f"{r['seconds']:.1f}", str(r["steps"])]
+            cells += [f"{r['scores'][k]:.2f}" if k in r["scores"] else "-" for k in keys]
+            out.append("| " + " | ".join(cells) + " |")
+    n = len(seeds)
+    for who, label, sign in ((NVEMBED, f"nvembed (mean ± std, {n} seeds)", False),
+                             (PEER, f"peer (mean ± std, {n} seeds)", False),
+                             ("difference", "nvembed - peer", True)):
+        cells = ["all", label, "", ""] + [_cell(summary[who][k], sign) for k in keys]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def resolve_suite(recipe: Dict[str, Any], suite: Optional[str]) -> str:
+    """``suite`` as typed (absolute, from the working directory or under ``data_specs/eval``), else the recipe's
+    first eval suite resolved as the trainer does."""
+    from ..paths import eval_suites_root, resolve_path
+
+    if suite is None:
+        suite = ((recipe.get("eval") or {}).get("suites") or ["demo.yaml"])[0]
+    return os.path.abspath(resolve_path(suite, [eval_suites_root()]))
+
+
+def run(recipe: str, out_dir: str, *, seeds: Sequence[int], suite: Optional[str] = None, extra: Sequence[str] = (),
+        log: Callable[[str], None] = print) -> Dict[str, str]:
+    """Train (or continue) both sides for every seed, evaluate, write ``OUT/peer.{json,md}``; returns their paths."""
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise PeerError(f"--seeds: give distinct seeds, got {list(seeds)}")
+    from ..ablate import load_recipe
+    from ..rundir import RunDir
+    from .suite import load_suite
+
+    check_extra(extra)
+    composed = load_recipe(recipe, extra)
+    suite = resolve_suite(composed, suite)
+    load_suite(suite)  # a bad suite fails before any training
+    sweep_dir = os.path.join(out_dir, NVEMBED)
+    failed = train_nvembed(recipe, sweep_dir, seeds, extra, log)
+    rows: List[Dict[str, Any]] = []
+    for seed in (s for s in seeds if s not in failed):
+        run_dir = os.path.join(sweep_dir, f"seed={seed}")
+        peer_dir = os.path.join(out_dir, PEER, f"seed={seed}")
+        seconds, steps = training_time(run_dir)  # type: ignore[misc]
+        cfg = RunDir(run_dir).load_config()
+        peer = ensure_peer(cfg, seconds, peer_dir, log)
+        max_len = cfg.eval.max_length
+        nv_res = evaluate(RunDir(run_dir).final, suite, os.path.join(run_dir, EVAL_FILE), max_len, log)
+        peer_res = evaluate(os.path.join(peer_dir, "model"), suite, os.path.join(peer_dir, "eval.json"), max_len, log)
+        rows.append({"seed": seed,
+                     NVEMBED: {"run": run_dir, "seconds": seconds, "steps": steps, "scores": scores(nv_res),
+                               "tasks": {t: 100 * r["main_score"] for t, r in nv_res["tasks"].items()}},
+                     PEER: {"model": os.path.join(peer_dir, "model"), "seconds": peer["seconds"],
+                            "steps": peer["steps"], "budget_seconds": peer["budget_seconds"],
+                            "last_step_seconds": peer["last_step_seconds"], "scores": scores(peer_res),
+                            "tasks": {t: 100 * r["main_score"] for t, r in peer_res["tasks"].items()}}})
+    summary = summarize(rows)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, "peer.json"), "md": os.path.join(out_dir, "peer.md")}
+    _write_json(paths["json"], {"recipe": recipe, "extra": list(extra), "suite": suite, "seeds": list(seeds),
+                                "runs": rows, "summary": summary})
+    with open(paths["md"], "w") as f:
+        f.write(format_table(rows, summary) + "\n")
+    if failed:  # after the table: what finished is not lost
+        raise PeerError(f"nvembed training failed for seeds {failed} (messages above; runs in {sweep_dir}); "
+                        f"{paths['md']} holds the other seeds; re-run the same command to continue")
+    return paths
