@@ -8,8 +8,9 @@ rank --negative-rank = hard negative.
     python scripts/fret.py --passages corpus.txt --embedder EMB --backend openai --base-url http://vllm:8000/v1 \
         --model Qwen/Qwen2.5-7B-Instruct --concurrency 32 --out runs/fret
 
-Passages: JSONL (id + text[/title]) or TXT (one per line). QL needs token logprobs of given text (/completions with
-echo): use a vLLM-style server, or --scorers rc for chat-only APIs (RC then uses the chat endpoint's logprobs).
+Passages: JSONL (id + text[/title]) or TXT (one per line), read from disk by row, never all in memory. QL needs
+token logprobs of given text (/completions with echo): use a vLLM-style server, or --scorers rc for chat-only APIs
+(RC then uses the chat endpoint's logprobs).
 Re-running resumes. Output: OUT/examples.jsonl, OUT/queries.jsonl, OUT/stats.json, OUT/specs/*.yaml.
 An endpoint that cannot be reached stops the run (exit 2, naming the URL and the cause; what succeeded is kept).
 The embedder's own Python code runs only with --trust-remote-code (nvembed exports load without it).
@@ -33,7 +34,7 @@ from nvembed.errors import cli  # noqa: E402
 
 @cli
 def main(argv=None) -> int:
-    from synthesize import add_backend_args, check_run, make_llm
+    from synthesize import add_backend_args, make_llm
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_backend_args(ap)
@@ -65,19 +66,23 @@ def main(argv=None) -> int:
 
     from nvembed.eval.encoders import load_encoder
     from nvembed.synth import FRetConfig, read_passages, run_fret
+    from nvembed.synth.loop import check_run
 
-    passages = read_passages(args.passages)
-    ui = None if args.use_instructions == "auto" else args.use_instructions == "yes"
-    encoder = load_encoder(args.embedder, use_instructions=ui, device=args.device,
-                           trust_remote_code=args.trust_remote_code)
-    cfg = FRetConfig(top_n=args.top_n, negative_rank=args.negative_rank, num_seeds=args.num_seeds,
-                     include_seed=not args.no_include_seed, scorers=args.scorers, seed=args.seed,
-                     temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                     max_passage_chars=args.max_passage_chars, chunk_size=args.chunk_size, limit=args.limit,
-                     query_encoding=args.query_encoding, stages=args.stages, spec_mode=args.spec_mode,
-                     name=args.name)
-    llm = make_llm(args)
-    stats = run_fret(llm, encoder, passages, args.out, cfg, show_progress=not args.no_progress)
+    passages = read_passages(args.passages)  # file:line errors before the embedder loads
+    try:
+        ui = None if args.use_instructions == "auto" else args.use_instructions == "yes"
+        encoder = load_encoder(args.embedder, use_instructions=ui, device=args.device,
+                               trust_remote_code=args.trust_remote_code)
+        cfg = FRetConfig(top_n=args.top_n, negative_rank=args.negative_rank, num_seeds=args.num_seeds,
+                         include_seed=not args.no_include_seed, scorers=args.scorers, seed=args.seed,
+                         temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                         max_passage_chars=args.max_passage_chars, chunk_size=args.chunk_size, limit=args.limit,
+                         query_encoding=args.query_encoding, stages=args.stages, spec_mode=args.spec_mode,
+                         name=args.name)
+        llm = make_llm(args)
+        stats = run_fret(llm, encoder, passages, args.out, cfg, show_progress=not args.no_progress)
+    finally:
+        passages.close()
     print(json.dumps(stats, indent=2))
     check_run(llm, stats, args.out)
     return 0

@@ -54,21 +54,9 @@ def make_llm(args):
                      timeout=args.timeout)
 
 
-def check_run(llm, stats, out) -> None:
-    """Exit non-zero (:class:`~nvembed.synth.llm.LLMError`) when every request of this run failed."""
-    from nvembed.synth.llm import LLMError
-
-    this_run = stats.get("this_run", {})
-    failed = sum(v for k, v in this_run.items() if k.endswith("failed_request"))
-    if failed and failed == sum(this_run.values()):
-        where = getattr(llm, "base_url", None) or llm.name
-        raise LLMError(f"{where}: all {failed} request(s) of this run failed (last error: {llm.last_error}); "
-                       f"nothing was added to {out}")
-
-
 @cli
 def main(argv=None) -> int:
-    from nvembed.synth.e5 import TYPES
+    from nvembed.synth.prompts import TYPES
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_backend_args(ap)
@@ -93,12 +81,13 @@ def main(argv=None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
-    from nvembed.synth import E5Config, run_e5
+    from nvembed.synth.e5 import E5Config, read_tasks_file, run_e5
+    from nvembed.synth.loop import check_run
 
     langs = args.languages
     if langs != "xlmr" and "," in langs:
         langs = [x.strip() for x in langs.split(",") if x.strip()]
-    tasks = json.loads(Path(args.tasks_file).read_text(encoding="utf-8")) if args.tasks_file else {}
+    tasks = read_tasks_file(args.tasks_file) if args.tasks_file else {}
     cfg = E5Config(types=args.types, num_tasks=args.num_tasks, examples_per_task=args.examples_per_task,
                    tasks_per_prompt=args.tasks_per_prompt, tasks=tasks, languages=langs, seed=args.seed,
                    temperature=args.temperature, max_new_tokens_brainstorm=args.max_new_tokens,

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import math
 import os
+import random
 import re
 import subprocess
 import sys
@@ -22,9 +23,14 @@ from pathlib import Path
 
 import pytest
 
-from nvembed.synth import (E5Config, FRetConfig, JsonlLog, LLMCapabilityError, OpenAIChatLLM, extract_json, fuse,
-                           read_passages, run_e5, run_fret)
-from nvembed.synth.resume import read_jsonl
+import numpy as np
+
+from nvembed.data.spec import SpecError
+from nvembed.synth import (E5Config, FRetConfig, JsonlLog, LLMCapabilityError, OpenAIChatLLM, PassagePool, extract_json,
+                           fuse, read_passages, run_e5, run_fret)
+from nvembed.synth.llm import BaseLLM
+from nvembed.synth.loop import FAILED, Outcome, SynthRun
+from nvembed.synth.resume import read_jsonl, stable_id
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -244,6 +250,41 @@ def test_jsonl_log_repairs_truncated_line(tmp_path):
     assert [r["id"] for r in read_jsonl(p)] == ["a", "b", "c"]
 
 
+def test_loop_budget_failures_and_log_order(tmp_path):
+    """The one loop: skips what the last log holds, stops at the budget, leaves failed items for the next run, and
+    writes each chunk's records log by log (the first log before the one that marks items done)."""
+    items = [{"id": f"i{k}"} for k in range(7)]
+    sent, flaky = [], {"i1"}  # i1 fails the first time it is asked
+
+    def work(chunk):
+        outs = []
+        for it in chunk:
+            sent.append(it["id"])
+            if it["id"] in flaky:
+                flaky.discard(it["id"])
+                outs.append(FAILED)
+            else:  # i2 has nothing for the first log
+                outs.append(Outcome("ok", ({"id": it["id"]} if it["id"] != "i2" else None, {"id": it["id"]}),
+                                    {"odd": int(it["id"][1:]) % 2}))
+        return outs
+
+    def run_once(limit):
+        run = SynthRun(BaseLLM(), tmp_path, limit=limit, show_progress=False)
+        with JsonlLog(tmp_path / "a.jsonl") as a, JsonlLog(tmp_path / "b.jsonl") as b:
+            run.phase("t", items, [a, b], work, chunk_size=2, prefix="p_")
+        return run
+
+    r1 = run_once(limit=5)
+    assert sent == ["i0", "i1", "i2", "i3", "i4"]
+    assert r1.counts == {"p_ok": 4, "p_failed_request": 1, "odd": 1} and r1.left == 0
+    r2 = run_once(limit=None)  # the failed i1 is asked again, with the items the budget left out
+    assert sent[5:] == ["i1", "i5", "i6"] and r2.counts["p_ok"] == 3
+    assert [r["id"] for r in read_jsonl(tmp_path / "b.jsonl")] == ["i0", "i2", "i3", "i4", "i1", "i5", "i6"]
+    assert [r["id"] for r in read_jsonl(tmp_path / "a.jsonl")] == ["i0", "i3", "i4", "i1", "i5", "i6"]
+    run_once(limit=None)
+    assert len(sent) == 8  # nothing left
+
+
 def test_openai_client_retry_and_capabilities(fake_server):
     url, state = fake_server(completions=False, fail_first=2)
     llm = _client(url)
@@ -423,6 +464,126 @@ def test_fret_rc_only_on_chat_only_server(fake_server, tmp_path, minilm):
                  show_progress=False, log=lambda *_: None)
     assert s["rows"] >= 2 and s["complete"]
     llm.close()
+
+
+def test_read_passages_stream_and_errors(tmp_path, capsys):
+    """Passages are read in one pass (title, id keys, blank and text-less rows, duplicate texts, a last line
+    without newline); a bad line or a repeated id is one error naming file:line, before anything is written."""
+    p = tmp_path / "p.jsonl"
+    lines = [{"id": "a", "text": " Alpha text. "}, {"id": "b", "title": "Bee", "passage": "Bees dance."}, "",
+             {"id": "c", "text": "Alpha text."}, {"id": "d", "text": ""}, {"_id": 5, "contents": "Five."},
+             {"text": "No id here."}]
+    p.write_text("".join((json.dumps(r) if r else "") + "\n" for r in lines)
+                 + json.dumps({"id": "e", "text": "Last line."}))
+    pool = read_passages(p)
+    assert isinstance(pool, PassagePool) and len(pool) == 5
+    assert list(pool) == [("a", "Alpha text."), ("b", "Bee\nBees dance."), ("5", "Five."),
+                          (stable_id("No id here."), "No id here."), ("e", "Last line.")]
+    assert pool.texts[1:3] == ["Bee\nBees dance.", "Five."] and pool.ids[-1] == "e"
+    assert pool.fetch([4, 0, 4]) == {0: ("a", "Alpha text."), 4: ("e", "Last line.")}
+    pool.close()
+    txt = tmp_path / "p.txt"
+    txt.write_text("one\r\n\ntwo\none\n")
+    assert list(read_passages(txt)) == [(stable_id("one"), "one"), (stable_id("two"), "two")]
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "x", "text": "a"}\n{"id": "y", "text": \n')
+    with pytest.raises(SpecError, match=re.escape(f"{bad}:2: malformed JSON")):
+        read_passages(bad)
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in (("x", "a"), ("y", "b"), ("x", "c"))))
+    with pytest.raises(SpecError, match=re.escape(f"{dup}:3: passage id 'x' is already the id of line 1")):
+        read_passages(dup)
+    # the CLI: one line, exit 2, before the embedder loads and before the output folder exists
+    spec = importlib.util.spec_from_file_location("nvembed_script_fret", REPO / "scripts" / "fret.py")
+    fret = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fret)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        fret.main(["--passages", str(dup), "--embedder", str(tmp_path / "no-model"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip().splitlines() == [
+        f"nvembed: data error: {dup}:3: passage id 'x' is already the id of line 1: passage ids must be unique"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_tasks_file_errors(tmp_path, capsys):
+    """--tasks-file: a missing, malformed or mistyped file is one 'data error' line naming it (no traceback)."""
+    from nvembed.synth.e5 import read_tasks_file
+
+    good = tmp_path / "tasks.json"
+    good.write_text(json.dumps({"short-long": ["Retrieve recipes given a dish name."]}))
+    assert read_tasks_file(good) == {"short-long": ["Retrieve recipes given a dish name."]}
+    spec = importlib.util.spec_from_file_location("nvembed_script_synthesize", REPO / "scripts" / "synthesize.py")
+    synthesize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(synthesize)
+    cases = {"missing.json": (None, "file not found"), "bad.json": ('{"sts": [\n', ":2: malformed JSON"),
+             "list.json": ('["a"]', "must be a JSON object"), "type.json": ('{"short": ["a"]}', "unknown types")}
+    for name, (text, needle) in cases.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            synthesize.main(["--tasks-file", str(tmp_path / name), "--out", str(tmp_path / "o"), "--backend", "openai",
+                             "--model", "m", "--base-url", "http://127.0.0.1:9/v1"])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith(f"nvembed: data error: {tmp_path / name}")
+        assert needle in lines[0]
+    assert not (tmp_path / "o").exists()
+
+
+class ByteHistogramEncoder:
+    """A crude but real embedder (L2-normalised histogram of the UTF-8 bytes, folded to 16 dims): fast enough to
+    encode tens of thousands of passages in a test."""
+
+    name = "byte-histogram"
+
+    def encode(self, texts, instruction=None, batch_size=32, **_):
+        out = np.zeros((len(texts), 16), dtype=np.float32)
+        for i, t in enumerate(texts):
+            out[i] = np.bincount(np.frombuffer(((instruction or "") + t).encode(), np.uint8) % 16, minlength=16)
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+
+def test_fret_passages_stay_on_disk(fake_server, tmp_path):
+    """A FRet run over a 14.5 MiB passage file never holds the collection: Python's traced heap peaks well under the
+    file's size (holding every text as a str, as read_passages once did, costs more than the file), the embeddings
+    are in an on-disk store, and the rows' texts are the file's."""
+    import tracemalloc
+
+    rng = random.Random(0)
+    vocab = [f"w{k}" for k in range(3000)]
+    p = tmp_path / "big.jsonl"
+    with p.open("w") as f:
+        for i in range(20000):
+            f.write(json.dumps({"id": f"d{i}", "text": " ".join(rng.choices(vocab, k=130))}) + "\n")
+    size = p.stat().st_size
+    url, state = fake_server(fail_first=0)
+    llm = _client(url)
+    out = tmp_path / "fret"
+    cfg = FRetConfig(num_seeds=4, top_n=5, negative_rank=3, chunk_size=2, encode_chunk_size=2048,
+                     query_encoding="concat", temperature=0.0)
+    tracemalloc.start()
+    try:
+        pool = read_passages(p)
+        read_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        stats = run_fret(llm, ByteHistogramEncoder(), pool, out, cfg, show_progress=False, log=lambda *_: None)
+        run_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    llm.close()
+    print(f"\n[fret pool] file {size / 2**20:.1f} MiB, traced peak: read {read_peak / 2**20:.2f} MiB, "
+          f"run {run_peak / 2**20:.2f} MiB")
+    assert len(pool) == 20000 and stats["passages"] == 20000 and stats["rows"] == 4 and stats["complete"]
+    assert read_peak < size / 3 and run_peak < size / 3  # measured ~3.2 and ~2.7 MiB of a 14.5 MiB file
+    (store,) = out.glob("corpus_emb_*")
+    assert np.load(store / "embeddings.npy", mmap_mode="r").shape == (20000, 16)
+    by_id = {r["id"]: r for r in read_jsonl(p)}
+    for r in read_jsonl(out / "examples.jsonl"):
+        assert r["positive"] == by_id[r["positive_id"]]["text"] and len(r["candidates"]) == 5
+        assert r["negatives"] == [by_id[r["negative_id"]]["text"]]
+    pool.close()
 
 
 @pytest.mark.slow

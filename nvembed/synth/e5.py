@@ -61,6 +61,25 @@ class E5Config:
     name: str = "e5_synthetic"
 
 
+def read_tasks_file(path: str | Path) -> Dict[str, List[str]]:
+    """``--tasks-file``: JSON ``{type: [task, ...]}``; anything else is a ``SpecError`` naming the file."""
+    from nvembed.data.spec import SpecError
+
+    try:
+        tasks = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SpecError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise SpecError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    if not isinstance(tasks, dict) or not all(isinstance(v, list) and all(isinstance(t, str) for t in v)
+                                              for v in tasks.values()):
+        raise SpecError(f"{path}: must be a JSON object {{type: [task, ...]}}")
+    bad = [k for k in tasks if k not in TYPES]
+    if bad:
+        raise SpecError(f"{path}: unknown types {bad}; valid: {', '.join(TYPES)}")
+    return tasks
+
+
 def _brainstorm_items(cfg: E5Config) -> List[Dict[str, Any]]:
     return [{"id": stable_id("brainstorm", kind, call, cfg.seed), "type": kind, "call": call}
             for kind in cfg.types if kind not in SYMMETRIC and not cfg.tasks.get(kind)

@@ -15,7 +15,7 @@ and keyed by seed passage id: a restart resumes.
 
 The collection stays on disk (:mod:`.passages`): seeds are sampled by row, the embeddings are written to a
 memory-mapped store as they are encoded (:mod:`nvembed.mining.store`, resumable), the top-N search streams it chunk
-by chunk and the candidates' texts are read by row. What grows with the collection is ~50 bytes a passage.
+by chunk and the candidates' texts are read by row. What grows with the collection is 24 bytes a passage.
 """
 
 from __future__ import annotations

@@ -92,3 +92,15 @@ class SynthRun:
         finally:
             bar.close()
         return len(pending)
+
+
+def check_run(llm: BaseLLM, stats: Dict[str, Any], out_dir: Any) -> None:
+    """Raise :class:`~nvembed.synth.llm.LLMError` (exit 2 in the CLIs) when every request of this run failed."""
+    from .llm import LLMError
+
+    this_run = stats.get("this_run", {})
+    failed = sum(v for k, v in this_run.items() if k.endswith("failed_request"))
+    if failed and failed == sum(this_run.values()):
+        where = getattr(llm, "base_url", None) or llm.name
+        raise LLMError(f"{where}: all {failed} request(s) of this run failed (last error: {llm.last_error}); "
+                       f"nothing was added to {out_dir}")

@@ -1,9 +1,10 @@
 """The passage collection of a FRet run without its texts in memory (issue #17).
 
-:func:`read_passages` scans the file once and keeps, per passage, a byte offset, a line number and two 16-byte
-hashes (text, id) in numpy arrays: ~50 bytes a passage, against the texts themselves (5-10 GB of Python strings
-for 10 M passages). A text or id is read back from disk when a chunk of work needs it (``pool[i]``,
-:meth:`PassagePool.fetch`); the encoder gets the texts chunk by chunk through :attr:`PassagePool.texts`.
+:func:`read_passages` scans the file once, collecting per passage a byte offset, a line number and two 16-byte
+hashes (text, id) in numpy arrays, and keeps offsets and line numbers: 24 bytes a passage (~170 at the peak of the
+scan), against the texts themselves (5-10 GB of Python strings for 10 M passages). A text or id is read back from
+disk when a chunk of work needs it (``pool[i]``, :meth:`PassagePool.fetch`); the encoder gets the texts chunk by
+chunk through :attr:`PassagePool.texts`.
 Exact duplicate texts are dropped (first occurrence kept) with ``np.unique`` over the hashes, and a repeated id or
 a line that is not a JSON object is an error naming the file and line.
 """
@@ -123,13 +124,13 @@ def read_passages(path: str | Path) -> PassagePool:
             piece.append(j)
             t_buf += _digest(text)
             i_buf += _digest(pid)
-    t_hash = np.frombuffer(bytes(t_buf), dtype="S16")
+    t_hash = np.frombuffer(t_buf, dtype="S16")
     _, first = np.unique(t_hash, return_index=True)
     keep = np.sort(first)  # first occurrence of each text, in file order
     off_k = np.frombuffer(off, dtype=np.int64)[keep]
     line_k = np.frombuffer(line_no, dtype=np.int64)[keep]
     piece_k = np.frombuffer(piece, dtype=np.int64)[keep]
-    i_hash = np.frombuffer(bytes(i_buf), dtype="S16")[keep]
+    i_hash = np.frombuffer(i_buf, dtype="S16")[keep]
     del t_buf, i_buf, off, line_no, piece
     rows = FileRows(p)
 
