@@ -180,7 +180,12 @@ def build_peer(cfg, folder: str):
     tok = load_tokenizer(m)
     backbone = load_backbone(m, vocab_size=len(tok))
     backbone.save_pretrained(folder)
+    # sentence-transformers >= 6 wraps every text in the folder's chat template (SmolLM2's adds a ~30-token system
+    # prompt, docs/benchmarks.md): the peer embeds the texts themselves, as nvembed does
+    tok.chat_template = None
     tok.save_pretrained(folder)
+    if os.path.exists(os.path.join(folder, "chat_template.jinja")):
+        os.remove(os.path.join(folder, "chat_template.jinja"))
     stages = [cfg.stage_defs[s] for s in cfg.stages[:1]]
     max_len = max(max(s.query_max_length, s.doc_max_length) for s in stages)
     tr = Transformer(folder, max_seq_length=max_len)
@@ -193,8 +198,8 @@ class TimeBudget(TrainerCallback):
     """Stops training when the next step would end past ``seconds`` (on average), so the peer trains the budget
     to within half a step; gives the learning-rate factor of a linear decay in wall-clock time."""
 
-    def __init__(self, seconds: float, warmup_steps: int):
-        self.budget, self.warmup = float(seconds), int(warmup_steps)
+    def __init__(self, seconds: float, warmup_steps: int, log: Callable[[str], None] = print, log_every: int = 10):
+        self.budget, self.warmup, self.log, self.log_every = float(seconds), int(warmup_steps), log, log_every
         self.t0: Optional[float] = None
         self.elapsed, self.steps, self.last_step, self.losses = 0.0, 0, 0.0, []
 
@@ -215,6 +220,9 @@ class TimeBudget(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kw):
         if logs and "loss" in logs:
             self.losses.append(float(logs["loss"]))
+            if state.global_step % self.log_every == 0:
+                self.log(f"[peer] step {state.global_step}: {self.elapsed:.1f}s of {self.budget:.1f}s, "
+                         f"loss {self.losses[-1]:.4f}")
 
 
 def train_peer(cfg, budget_s: float, out_dir: str, log: Callable[[str], None]) -> Dict[str, Any]:
@@ -226,6 +234,7 @@ def train_peer(cfg, budget_s: float, out_dir: str, log: Callable[[str], None]) -
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from torch.optim.lr_scheduler import LambdaLR
+    from transformers import PrinterCallback
 
     from ..training.trainer import resolve_precision
 
@@ -236,7 +245,7 @@ def train_peer(cfg, budget_s: float, out_dir: str, log: Callable[[str], None]) -
     shutil.rmtree(work, ignore_errors=True)
     rows, columns = peer_rows(cfg, stage, log)  # data read before the clock starts, as nvembed's setup does
     model = build_peer(cfg, os.path.join(work, "backbone"))
-    clock = TimeBudget(budget_s, st.warmup_steps)
+    clock = TimeBudget(budget_s, st.warmup_steps, log)
 
     class _Trainer(SentenceTransformerTrainer):
         def create_scheduler(self, num_training_steps, optimizer=None):
@@ -257,6 +266,7 @@ def train_peer(cfg, budget_s: float, out_dir: str, log: Callable[[str], None]) -
                            info=DatasetInfo(features=Features({c: Value("string") for c in columns})))
     trainer = _Trainer(model=model, args=args, train_dataset=data, loss=MultipleNegativesRankingLoss(model),
                        callbacks=[clock])
+    trainer.remove_callback(PrinterCallback)  # one dict per step on stdout; the clock logs every 10 steps
     log(f"[peer] training sentence-transformers for {budget_s:.1f}s: batch {st.batch_size}, lr {st.learning_rate:g}, "
         f"{len(columns) - 2} hard negatives, {precision} precision")
     trainer.train()
@@ -408,8 +418,11 @@ def run(recipe: str, out_dir: str, *, seeds: Sequence[int], suite: Optional[str]
     paths = {"json": os.path.join(out_dir, "peer.json"), "md": os.path.join(out_dir, "peer.md")}
     _write_json(paths["json"], {"recipe": recipe, "extra": list(extra), "suite": suite, "seeds": list(seeds),
                                 "runs": rows, "summary": summary})
+    caption = (f"Recipe `{recipe}`{' with ' + ' '.join(extra) if extra else ''}, suite `{suite}`. Scores x100 (each "
+               f"task's main score, averaged per type). train s: nvembed's stage_summary seconds (every stage, "
+               f"checkpoint saves included); the peer's wall-clock training, stopped at that budget.\n\n")
     with open(paths["md"], "w") as f:
-        f.write(format_table(rows, summary) + "\n")
+        f.write(caption + format_table(rows, summary) + "\n")
     if failed:  # after the table: what finished is not lost
         raise PeerError(f"nvembed training failed for seeds {failed} (messages above; runs in {sweep_dir}); "
                         f"{paths['md']} holds the other seeds; re-run the same command to continue")
