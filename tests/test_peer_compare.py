@@ -150,3 +150,23 @@ def test_bad_requests_fail_before_anything_is_written(tmp_path, capsys, argv, sa
     err = capsys.readouterr().err
     assert says in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_peer_embeds_the_texts_without_the_backbones_chat_template(tmp_path):
+    """sentence-transformers 6 wraps every text in a chat template found in the folder (SmolLM2-Instruct has one):
+    the peer's folder has none, so it embeds the texts themselves."""
+    import shutil
+
+    from conftest import TINY_TOKENIZER, tiny_model_config
+    from nvembed.config import RunConfig, StageConfig
+    from nvembed.eval.peer import build_peer
+
+    tok = tmp_path / "tok"
+    shutil.copytree(TINY_TOKENIZER, tok)
+    (tok / "chat_template.jinja").write_text("{% for m in messages %}<|im_start|>system\nYou are a helpful "
+                                             "assistant<|endoftext|>{{ m['content'] }}{% endfor %}")
+    cfg = RunConfig(model=tiny_model_config(tokenizer=str(tok)), stages=["stage1"],
+                    stage_defs={"stage1": StageConfig()})
+    model = build_peer(cfg, str(tmp_path / "peer"))
+    assert model.preprocess(["hello world"])["input_ids"].tolist() == [model.tokenizer("hello world")["input_ids"]]
+    assert not (tmp_path / "peer" / "chat_template.jinja").exists()
