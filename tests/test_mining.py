@@ -88,6 +88,32 @@ def test_embedding_cache_resume(tmp_path):
     assert not list(Path(tmp_path).rglob("*.tmp.npy"))
 
 
+def test_store_key_is_computed_from_text_digests(tmp_path):
+    """The cache key hashes each text's 16-byte digest (the miner holds them: naming a store reads no text back):
+    the same key from the texts or from their digests as the file scan keeps them; any change gives another key."""
+    from nvembed.mining import cache_key, store_folder
+    from nvembed.mining.texts import from_files
+
+    docs = [f"document {i}" for i in range(6)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"query": f"q{i}", "positive": docs[i]}) + "\n"
+                                                  for i in range(3)))
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"c{i}", "text": t}) + "\n"
+                                                   for i, t in enumerate(docs)))
+    texts = from_files(tmp_path / "pairs.jsonl", tmp_path / "corpus.jsonl")
+    try:
+        assert list(texts.docs) == docs  # positives are corpus documents: nothing added
+        enc = HashEncoder()
+        assert store_folder(tmp_path, enc, None, hashes=texts.doc_hash) == store_folder(tmp_path, enc, docs)
+        assert store_folder(tmp_path, enc, None, "ins", hashes=texts.query_hash) == \
+            store_folder(tmp_path, enc, ["q0", "q1", "q2"], "ins")
+    finally:
+        texts.close()
+    key = cache_key("m", docs, "ins")
+    others = {cache_key("m", docs[:-1] + ["document 50"], "ins"), cache_key("m", docs[::-1], "ins"),
+              cache_key("m", docs, None), cache_key("m", docs, "ins", "float16"), cache_key("n", docs, "ins")}
+    assert key not in others and len(others) == 5
+
+
 def _toy():
     topics = ["apple banana fruit", "car engine wheel", "river lake water", "guitar piano music", "cat dog pet"]
     corpus = [f"{t} doc {j}" for t in topics for j in range(8)]

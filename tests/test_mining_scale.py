@@ -167,21 +167,59 @@ def test_two_process_launch_shards_encoding_into_the_same_store(tmp_path):
     """``accelerate launch --num_processes 2`` (CPU, gloo) of this file's ``__main__``: each rank encodes its chunks
     into the shared store, rank 0 searches and writes; byte-identical store files and the same negatives as one
     process."""
+    pairs, corpus = _toy_files(tmp_path)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", str(29700 + os.getpid() % 1000), __file__, str(tmp_path / "two")]
+           "--main_process_port", str(29700 + os.getpid() % 1000), __file__, str(tmp_path / "two"), str(pairs),
+           str(corpus)]
     proc = subprocess.run(cmd, cwd=REPO, env=_launch_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     shares = sorted(json.loads((tmp_path / "two" / f"rank{r}.json").read_text())["encoded"] for r in (0, 1))
     assert shares == [7, 8]  # 15 chunks, round-robin: every rank encoded its share, none encoded everything
+    # the file miner (texts on disk, records streamed): ONE store folder written by both ranks, one output file
+    stats = _toy_file_mining(tmp_path / "one_files", pairs, corpus)
+    n_docs = len({f"document {j}" for j in range(150)} | {f"document {7 * i % 170}" for i in range(150)})
+    assert stats["num_queries"] == 100 and stats["corpus_size"] == n_docs
+    chunks = [-(-n_docs // 16), -(-100 // 16)]  # corpus and query stores, 16 rows a chunk, round-robin per store
+    shares = sorted(json.loads((tmp_path / "two" / f"rank{r}.json").read_text())["files_encoded"] for r in (0, 1))
+    assert shares == sorted([sum((c + 1) // 2 for c in chunks), sum(c // 2 for c in chunks)])
+    for name in ("mined.jsonl", "mined.yaml"):
+        assert (tmp_path / "two_files" / name).read_bytes() == (tmp_path / "one_files" / name).read_bytes(), name
+    _same_stores(tmp_path / "one_files" / "cache", tmp_path / "two_files" / "cache", 2)
     one = _toy_mining(tmp_path / "one")
     two = json.loads((tmp_path / "two" / "mined.json").read_text())
     assert two == json.loads(json.dumps(one)) and len(one) == 30
-    for store in (tmp_path / "one").iterdir():
-        for f in ("embeddings.npy", "ids.txt", "progress"):
-            assert (store / f).read_bytes() == (tmp_path / "two" / store.name / f).read_bytes(), f
+    _same_stores(tmp_path / "one", tmp_path / "two", 2)
 
 
-def _worker(out):
+def _same_stores(a, b, n):
+    """The store folders under ``a`` and ``b`` have the same names and byte-identical files."""
+    names = sorted(p.name for p in Path(a).iterdir() if (p / "meta.json").is_file())
+    assert len(names) == n and names == sorted(p.name for p in Path(b).iterdir() if (p / "meta.json").is_file())
+    for name in names:
+        for f in ("embeddings.npy", "ids.txt", "progress", "meta.json"):
+            assert (Path(a) / name / f).read_bytes() == (Path(b) / name / f).read_bytes(), (name, f)
+
+
+def _toy_files(folder):
+    """100 queries (150 rows: one query in three asked twice, rows merged), positives partly outside the
+    150-document corpus (added to it): JSONL files."""
+    pairs, corpus = Path(folder) / "pairs.jsonl", Path(folder) / "corpus.jsonl"
+    pairs.write_text("".join(json.dumps({"query": f"question {i // 3 * 2 + min(i % 3, 1)}",
+                                         "positive": f"document {7 * i % 170}", "row": i}) + "\n" for i in range(150)))
+    corpus.write_text("".join(json.dumps({"_id": f"c{i}", "text": f"document {i}"}) + "\n" for i in range(150)))
+    return pairs, corpus
+
+
+def _toy_file_mining(out, pairs, corpus, ranks=None):
+    """``mine_file`` of the toy files into ``out`` (stores under ``out/cache``, chunks of 16 rows)."""
+    from nvembed.mining import MiningRule, mine_file
+
+    return mine_file(SeededEncoder(dim=16), pairs, Path(out) / "mined.jsonl", corpus_path=corpus,
+                     cache_dir=Path(out) / "cache", ranks=ranks, encode_chunk_size=16, store_dtype="float16",
+                     rule=MiningRule(rule="topk", range_max=10, num_negatives=3), show_progress=False)
+
+
+def _worker(out, pairs, corpus):
     """Run under ``accelerate launch``: every rank mines (encoding its chunks), rank 0 writes the records."""
     from nvembed.mining import Ranks
 
@@ -197,7 +235,10 @@ def _worker(out):
     calls = [0]
     SeededEncoder.encode = encode
     records = _toy_mining(out, ranks)
-    out.joinpath(f"rank{ranks.rank}.json").write_text(json.dumps({"encoded": calls[0]}))
+    encoded = calls[0]
+    _toy_file_mining(out.with_name(out.name + "_files"), pairs, corpus, ranks)
+    out.joinpath(f"rank{ranks.rank}.json").write_text(json.dumps({"encoded": encoded,
+                                                                  "files_encoded": calls[0] - encoded}))
     if ranks.rank == 0:
         out.joinpath("mined.json").write_text(json.dumps(records))
 
@@ -328,4 +369,4 @@ def test_streamed_file_mining_equals_in_memory(tmp_path):
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1])
+    _worker(*sys.argv[1:])

@@ -8,7 +8,9 @@ A store is a folder:
   file counts every page it touched in the RSS).
 * ``progress``: one byte per chunk of ``chunk_size`` rows, set to 1 after that chunk's rows are written and synced.
   A killed encode resumes at the chunks still 0; ranks write disjoint chunks (``chunk % world == rank``) of the same
-  file, so a store encoded by 2 processes is byte-identical to one encoded by 1.
+  file, so a store encoded by 2 processes is byte-identical to one encoded by 1. Nodes share the store through a
+  shared file system (one folder); after the ranks' last barrier each drops its cached pages of the files
+  (:meth:`EmbeddingStore.drop_cached`) so that none reads back a page cached before another node wrote it.
 * ``ids.txt``: one id per row (the corpus ``_id``, else the row number), ``meta.json``: model, instruction, n, dim,
   dtype, chunk size. The folder is created under a temporary name and renamed when complete, so a half-created store
   is never opened.
@@ -120,6 +122,19 @@ class EmbeddingStore:
         finally:
             os.close(fd)
 
+    def drop_cached(self) -> None:
+        """Forget this host's cached pages of the store's files (``POSIX_FADV_DONTNEED``; our own writes are synced,
+        so nothing is lost): on a shared file system (NFS) pages cached before other nodes wrote their chunks could
+        otherwise be read back stale; the next reads come from the file server."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        for path in (self.path, self.folder / "progress"):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
     # ------------------------------------------------------------------------------------------------ read
 
     def __len__(self) -> int:
@@ -208,6 +223,8 @@ def encode_to_store(encoder, texts: Sequence[str], folder, *, instruction: Optio
     for c in tqdm(todo, desc=desc, disable=not show_progress or rank != 0):
         store.write_chunk(c, enc(c, store.chunk_size))
     barrier()
+    if world > 1:  # other processes (maybe on other nodes) wrote into the same files
+        store.drop_cached()
     if not store.complete():
         raise StoreError(f"{folder}: chunks {np.flatnonzero(~store.done_chunks()).tolist()[:10]} were not written "
                          "by any rank")
