@@ -37,6 +37,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _proc import proc_status  # noqa: E402  (scripts/_proc.py: this script's folder is on sys.path)
+
 
 def write_data(path: Path, rows: int, seed: int = 0) -> None:
     import numpy as np
@@ -66,13 +68,7 @@ fields: {query: query, positive: positive, negatives: negatives}
 
 
 def _status() -> dict:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS", "RssAnon", "RssFile")):
-                k, v = line.split(":")
-                out[k] = int(v.split()[0]) / 1024  # MiB
-    return out
+    return proc_status("VmRSS", "RssAnon", "RssFile")
 
 
 def child(a: argparse.Namespace) -> None:

@@ -21,6 +21,14 @@ rows are merged) and ``N`` corpus rows of ``--width`` characters, mines them wit
 encoder (dim 8: the store and the search are negligible), reports wall time and peak RSS. Run it at two sizes: what
 grows is what the miner keeps per row.
 
+``--beir-eval N``: retrieval evaluation (``nvembed.eval.retrieval.evaluate_retrieval``) over a generated BEIR folder
+of ``N`` documents of ``--width`` characters and ``--queries`` queries (each the text of its one relevant document,
+so a right pipeline scores nDCG@10 = 1), with a hashing encoder of ``--dim`` (default 384) dimensions; one process
+for the code at hand and one for the code before issue #17 (``--old-rev``, read with ``git show``): wall time, peak
+RSS (VmHWM) and the metrics, which must agree.
+
+    python scripts/bench_mining.py --beir-eval 1000000 --queries 1000 --work /tmp/bm
+
 Default (no mode flag): the memory of chunked top-k against the full score matrix it avoids, on random vectors
 held in RAM (``--docs 200000 --dim 384``); ``--faiss`` also times FAISS IndexFlatIP.
 """
@@ -30,7 +38,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -41,23 +48,14 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _proc import peak_rss_mb, proc_status  # noqa: E402  (scripts/_proc.py: this script's folder is on sys.path)
 
-def rss_mb() -> float:
-    """Peak resident set size of this process so far (VmHWM: ru_maxrss would carry the parent's peak from
-    before fork+exec into a child)."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+rss_mb = peak_rss_mb
 
 
 def current_rss_mb() -> float:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-    except OSError:
-        return float("nan")
+    return proc_status("VmRSS").get("VmRSS", float("nan"))
 
 
 # ------------------------------------------------------------------------------------------------ --scale
@@ -317,6 +315,92 @@ def chunked(a) -> int:
     return 0
 
 
+class HashEncoder:
+    """A text -> ``dim`` numbers from its BLAKE2b digest (repeated with alternating signs), normalised: costs next to
+    nothing, equal texts get equal vectors. Encodes ``batch_size`` texts at a time and stacks the batches, as
+    sentence-transformers does (no temporaries of the whole input's size)."""
+
+    name = "hash"
+
+    def __init__(self, dim: int):
+        self.dim = dim
+
+    def encode(self, texts, *, instruction=None, batch_size=32, show_progress=False):
+        if len(texts) > batch_size:
+            return np.concatenate([self.encode(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)])
+        import hashlib
+
+        raw = b"".join(hashlib.blake2b(t.encode(), digest_size=64).digest() for t in texts)
+        x = np.frombuffer(raw, dtype=np.int8).reshape(len(texts), 64).astype(np.float32) + 0.5
+        reps = -(-self.dim // 64)
+        x = np.tile(x, reps)[:, :self.dim] * np.repeat(np.resize([1.0, -1.0], reps), 64)[:self.dim]
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def make_beir(a) -> Path:
+    """``--beir-eval`` folder under ``--work`` (written row by row, kept for the next run)."""
+    folder = Path(a.work) / f"beir{a.beir_eval}x{a.width}"
+    if (folder / "qrels" / "test.tsv").is_file():
+        return folder
+    (folder / "qrels").mkdir(parents=True, exist_ok=True)
+    words = np.array("alpha beta gamma delta kappa sigma omega rho theta lambda zeta iota".split())
+    rng = np.random.default_rng(0)
+    rel = set(rng.choice(a.beir_eval, a.queries, replace=False).tolist())
+    with open(folder / "corpus.jsonl", "w") as fc, open(folder / "queries.jsonl", "w") as fq, \
+            open(folder / "qrels" / "test.tsv", "w") as fr:
+        fr.write("query-id\tcorpus-id\tscore\n")
+        for i in range(a.beir_eval):
+            text = f"{i} " + " ".join(rng.choice(words, a.width // 6))[:a.width]
+            fc.write(json.dumps({"_id": f"d{i}", "title": "", "text": text}) + "\n")
+            if i in rel:
+                fq.write(json.dumps({"_id": f"q{i}", "text": text}) + "\n")
+                fr.write(f"q{i}\td{i}\t1\n")
+    return folder
+
+
+def beir_one(a) -> int:
+    """Child of ``--beir-eval``: one evaluation with the current (``new``) or the old (``old``) retrieval code."""
+    import importlib.util
+
+    import torch
+
+    from nvembed.eval import retrieval  # imported by both: the same modules loaded before measuring
+
+    mod = retrieval
+    if a.beir_one == "old":
+        spec = importlib.util.spec_from_file_location("old_retrieval", Path(a.work) / "old_retrieval.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+
+    before, t0 = rss_mb(), time.perf_counter()
+    res = mod.evaluate_retrieval(HashEncoder(a.dim), a.beir_folder, batch_size=256)
+    print(json.dumps({"code": a.beir_one, **{k: round(v, 6) if isinstance(v, float) else v for k, v in res.items()},
+                      "seconds": round(time.perf_counter() - t0, 1), "rss_before_mb": round(before),
+                      "peak_rss_mb": round(rss_mb()), "threads": torch.get_num_threads()}), flush=True)
+    return 0
+
+
+def beir_eval(a) -> int:
+    folder = make_beir(a)
+    size = (folder / "corpus.jsonl").stat().st_size / 2**20
+    old = subprocess.run(["git", "show", f"{a.old_rev}:nvembed/eval/retrieval.py"], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout
+    (Path(a.work) / "old_retrieval.py").write_text(old)
+    rows = []
+    for code in a.beir_codes.split(","):
+        cmd = [sys.executable, __file__, "--beir-one", code, "--beir-folder", str(folder), "--work", a.work,
+               "--dim", str(a.dim)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            print(out.stderr[-3000:], file=sys.stderr)
+            return out.returncode
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(json.dumps({"docs": a.beir_eval, "corpus_mb": round(size), "dim": a.dim, **rows[-1]}), flush=True)
+    metrics = [{k: r[k] for k in ("ndcg@10", "recall@100", "mrr@10", "num_docs")} for r in rows]
+    print(json.dumps({"same_metrics": all(m == metrics[0] for m in metrics)}))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", action="store_true", help="store on disk + exact/ivf/ivfpq/hnsw, one process each")
@@ -341,12 +425,21 @@ def main(argv=None) -> int:
     ap.add_argument("--query-chunk-size", type=int, default=512)
     ap.add_argument("--doc-chunk-size", type=int, default=None, help="default 65536 with --scale, else 16384")
     ap.add_argument("--faiss", action="store_true")
+    ap.add_argument("--beir-eval", type=int, default=None, metavar="N", help="evaluate on a generated N-doc folder")
+    ap.add_argument("--old-rev", default="f1cf4ce", help="--beir-eval: a commit before the corpus moved to disk")
+    ap.add_argument("--beir-codes", default="new,old", help="--beir-eval: which code to run (new, old)")
+    ap.add_argument("--beir-one", default=None, help=argparse.SUPPRESS)  # child process of --beir-eval
+    ap.add_argument("--beir-folder", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process of --scale
     ap.add_argument("--store", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     big = a.scale or a.one
     a.docs = a.docs or (1_000_000 if big else 200_000)
     a.dim = a.dim or (256 if big else 384)
+    if a.beir_one:
+        return beir_one(a)
+    if a.beir_eval:
+        return beir_eval(a)
     a.doc_chunk_size = a.doc_chunk_size or (65536 if big else 16384)
     if a.one:
         return run_one(a)
