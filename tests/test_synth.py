@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -247,6 +248,8 @@ def test_jsonl_log_repairs_truncated_line(tmp_path):
     with JsonlLog(p) as log:
         assert log.done == {"a", "b"}
         log.append([{"id": "c"}])
+        rows = log.rows  # streamed from the file, not kept: only the ids are in memory
+        assert isinstance(rows, types.GeneratorType) and [r["id"] for r in rows] == ["a", "b", "c"]
     assert [r["id"] for r in read_jsonl(p)] == ["a", "b", "c"]
 
 
@@ -551,6 +554,10 @@ def test_fret_passages_stay_on_disk(fake_server, tmp_path):
     are in an on-disk store, and the rows' texts are the file's."""
     import tracemalloc
 
+    import nvembed.data.sources  # noqa: F401  (imported before tracing: the heap counts data, not modules)
+    import nvembed.mining.store  # noqa: F401
+    import nvembed.mining.topk  # noqa: F401
+
     rng = random.Random(0)
     vocab = [f"w{k}" for k in range(3000)]
     p = tmp_path / "big.jsonl"
@@ -576,7 +583,7 @@ def test_fret_passages_stay_on_disk(fake_server, tmp_path):
     print(f"\n[fret pool] file {size / 2**20:.1f} MiB, traced peak: read {read_peak / 2**20:.2f} MiB, "
           f"run {run_peak / 2**20:.2f} MiB")
     assert len(pool) == 20000 and stats["passages"] == 20000 and stats["rows"] == 4 and stats["complete"]
-    assert read_peak < size / 3 and run_peak < size / 3  # measured ~3.2 and ~2.7 MiB of a 14.5 MiB file
+    assert read_peak < size / 3 and run_peak < size / 3  # measured ~2.1 and ~2.7 MiB of a 14.5 MiB file
     (store,) = out.glob("corpus_emb_*")
     assert np.load(store / "embeddings.npy", mmap_mode="r").shape == (20000, 16)
     by_id = {r["id"]: r for r in read_jsonl(p)}

@@ -16,6 +16,7 @@ instruction, type, language, symmetric}``), ``stats.json`` and ``specs/`` (data 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -129,8 +130,15 @@ def _example_items(cfg: E5Config, tasks_by_type: Dict[str, List[str]]) -> List[D
     return items
 
 
+def pair_key(query: str, positive: str) -> bytes:
+    """A 16-byte digest of a (query, positive) pair: what the duplicate check keeps instead of the texts."""
+    return hashlib.blake2b(json.dumps([query, positive], ensure_ascii=False).encode("utf-8", "surrogatepass"),
+                           digest_size=16).digest()
+
+
 def _example_parser(seen_pairs: set) -> Callable[[Dict[str, Any], str], Outcome]:
-    """Parse one example; records (example row or None, attempt record). ``seen_pairs`` is shared across calls."""
+    """Parse one example; records (example row or None, attempt record). ``seen_pairs`` (:func:`pair_key` of the
+    rows so far) is shared across calls."""
     def parse(it: Dict[str, Any], text: str) -> Outcome:
         kind, ph = it["type"], it["placeholders"]
         instruction = it["task"] if kind in ASYMMETRIC else SYMMETRIC_INSTRUCTIONS[kind]
@@ -138,7 +146,7 @@ def _example_parser(seen_pairs: set) -> Callable[[Dict[str, Any], str], Outcome]
         row = None
         try:
             ex = parse_example(kind, text)
-            key = (ex["query"], ex["positive"])
+            key = pair_key(ex["query"], ex["positive"])
             if ex["query"] == ex["positive"]:
                 status = "query_equals_positive"
             elif key in seen_pairs:
@@ -185,7 +193,7 @@ def run_e5(llm: BaseLLM, out_dir: str | Path, cfg: E5Config, *, log: Callable[[s
     # -- step 2: examples -------------------------------------------------------------------------------------
     gen_items = _example_items(cfg, tasks_by_type)
     with JsonlLog(out / "generations.jsonl") as gen_log, JsonlLog(out / "examples.jsonl") as ex_log:
-        parse = _example_parser({(r["query"], r["positive"]) for r in ex_log.rows})
+        parse = _example_parser({pair_key(r["query"], r["positive"]) for r in ex_log.rows})
         run.phase("examples", gen_items, [ex_log, gen_log],
                   generate_work(llm, lambda it: example_prompt(it["type"], it["task"], it["placeholders"]), parse,
                                 max_new_tokens=cfg.max_new_tokens_example, temperature=cfg.temperature,
@@ -196,16 +204,18 @@ def run_e5(llm: BaseLLM, out_dir: str | Path, cfg: E5Config, *, log: Callable[[s
     ids = {it["id"] for it in gen_items}
     status_all = Counter(r["status"] for r in gen_log.rows if r["id"] in ids)
     bs_all = Counter(r["status"] for r in bs_log.rows if r["id"] in bs_ids)
-    rows = [r for r in ex_log.rows if r["id"] in ids]
-    spec_paths = write_specs(out, rows, name=cfg.name, stages=cfg.stages, mode=cfg.spec_mode,
-                             description=f"E5-style synthetic data from {llm.name} (seed {cfg.seed})") if rows else []
+    by_type = Counter(r["type"] for r in ex_log.rows if r["id"] in ids)
+    n_rows = sum(by_type.values())
+    spec_paths = write_specs(out, (r for r in ex_log.rows if r["id"] in ids), name=cfg.name, stages=cfg.stages,
+                             mode=cfg.spec_mode,
+                             description=f"E5-style synthetic data from {llm.name} (seed {cfg.seed})") if n_rows else []
     stats = {
         "model": llm.name,
         "brainstorm": {"calls_total": len(items), "done": sum(bs_all.values()), **dict(bs_all)},
         "tasks": {k: len(v) for k, v in tasks_by_type.items()},
         "examples": {"attempts_total": len(gen_items), "done": sum(status_all.values()), **dict(status_all)},
-        "rows": len(rows),
-        "rows_by_type": dict(Counter(r["type"] for r in rows)),
+        "rows": n_rows,
+        "rows_by_type": dict(by_type),
         "this_run": dict(run.counts),
         "this_run_seconds": round(time.time() - t0, 2),
         "complete": sum(bs_all.values()) == len(items) and sum(status_all.values()) == len(gen_items),
@@ -215,6 +225,6 @@ def run_e5(llm: BaseLLM, out_dir: str | Path, cfg: E5Config, *, log: Callable[[s
     (out / "stats.json").write_text(json.dumps(stats, indent=2), encoding="utf-8")
     log(f"[e5] {stats['rows']} rows; brainstorm {stats['brainstorm']}; examples {stats['examples']}; "
         f"this run {dict(run.counts)} in {stats['this_run_seconds']}s")
-    if not rows:
+    if not n_rows:
         log("[e5] no valid rows yet: no spec written")
     return stats

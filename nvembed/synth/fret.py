@@ -207,6 +207,7 @@ def run_fret(llm: BaseLLM, encoder, passages: PassagePool | Sequence[Tuple[str, 
     if cfg.num_seeds is not None and cfg.num_seeds < len(pool):
         rows_of_seeds = sorted(random.Random(cfg.seed).sample(rows_of_seeds, cfg.num_seeds))
     seeds = [{"id": pool.ids[r], "row": r} for r in rows_of_seeds]  # per seed: its id and row, no text
+    seed_set = {it["id"] for it in seeds}
     run = SynthRun(llm, out, limit=cfg.limit, show_progress=show_progress)
 
     def cut(t: str) -> str:
@@ -218,33 +219,41 @@ def run_fret(llm: BaseLLM, encoder, passages: PassagePool | Sequence[Tuple[str, 
                   generate_work(llm, lambda it: query_prompt(cut(pool[it["row"]][1])), _parse_query,
                                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed),
                   chunk_size=cfg.chunk_size, prefix="query_")
-    queries = {r["id"]: r for r in q_log.rows if r.get("status") == "ok"}
 
     # -- 2-4. retrieve, score, fuse, relabel --------------------------------------------------------------------
     with JsonlLog(out / "examples.jsonl") as ex_log:
-        todo = [it for it in seeds if it["id"] in queries]
-        if run.left > 0 and any(it["id"] not in ex_log for it in todo):
+        ok, queries = set(), {}  # the (task, query) of the seeds still to score, not of the others
+        for r in q_log.rows:
+            if r.get("status") == "ok":
+                ok.add(r["id"])
+                if r["id"] not in ex_log and r["id"] in seed_set:
+                    queries[r["id"]] = {"task": r["task"], "query": r["query"]}
+        todo = [it for it in seeds if it["id"] in ok]
+        if run.left > 0 and any(it["id"] in queries for it in todo):
             store = corpus_store(encoder, pool, out, cfg, log)
             run.phase("fret scoring", todo, [ex_log], _score_work(llm, encoder, pool, store, queries, cfg, cut),
                       chunk_size=cfg.chunk_size)
 
-    # -- stats + specs ------------------------------------------------------------------------------------------
-    seed_set = {it["id"] for it in seeds}
+    # -- stats + specs (the logs streamed from disk) ------------------------------------------------------------
     q_status = Counter(r["status"] for r in q_log.rows if r["id"] in seed_set)
-    rows = [r for r in ex_log.rows if r["id"] in seed_set]
-    spec_paths = write_specs(out, rows, name=cfg.name, stages=cfg.stages, mode=cfg.spec_mode,
+    n = Counter()
+    for r in ex_log.rows:
+        if r["id"] in seed_set:
+            n.update(rows=1, relabeled=int(r["relabeled"]), with_negative=int(bool(r["negatives"])))
+    spec_paths = write_specs(out, (r for r in ex_log.rows if r["id"] in seed_set), name=cfg.name, stages=cfg.stages,
+                             mode=cfg.spec_mode,
                              description=f"Gecko FRet data from {llm.name} (top-{cfg.top_n}, negative rank "
-                                         f"{cfg.negative_rank}, scorers {'+'.join(cfg.scorers)})") if rows else []
+                                         f"{cfg.negative_rank}, scorers {'+'.join(cfg.scorers)})") if n["rows"] else []
     stats = {
         "model": llm.name, "embedder": getattr(encoder, "name", type(encoder).__name__),
         "passages": len(pool), "seeds": len(seeds),
         "queries": {"done": sum(q_status.values()), **dict(q_status)},
-        "rows": len(rows),
-        "relabeled": sum(int(r["relabeled"]) for r in rows),
-        "relabeled_fraction": round(sum(int(r["relabeled"]) for r in rows) / len(rows), 4) if rows else None,
-        "with_negative": sum(1 for r in rows if r["negatives"]),
+        "rows": n["rows"],
+        "relabeled": n["relabeled"],
+        "relabeled_fraction": round(n["relabeled"] / n["rows"], 4) if n["rows"] else None,
+        "with_negative": n["with_negative"],
         "this_run": dict(run.counts), "this_run_seconds": round(time.time() - t0, 2),
-        "complete": sum(q_status.values()) == len(seeds) and len(rows) == q_status.get("ok", 0),
+        "complete": sum(q_status.values()) == len(seeds) and n["rows"] == q_status.get("ok", 0),
         "llm": dict(getattr(llm, "stats", {})),
         "specs": [str(p) for p in spec_paths],
     }

@@ -1,11 +1,11 @@
 """The passage collection of a FRet run without its texts in memory (issue #17).
 
 :func:`read_passages` scans the file once, collecting per passage a byte offset, a line number and two 16-byte
-hashes (text, id) in numpy arrays, and keeps offsets and line numbers: 24 bytes a passage (~170 at the peak of the
+hashes (text, id) in numpy arrays, and keeps offsets and line numbers: 24 bytes a passage (~110 at the peak of the
 scan), against the texts themselves (5-10 GB of Python strings for 10 M passages). A text or id is read back from
 disk when a chunk of work needs it (``pool[i]``, :meth:`PassagePool.fetch`); the encoder gets the texts chunk by
 chunk through :attr:`PassagePool.texts`.
-Exact duplicate texts are dropped (first occurrence kept) with ``np.unique`` over the hashes, and a repeated id or
+Exact duplicate texts are dropped (first occurrence kept) by a stable sort of the hashes, and a repeated id or
 a line that is not a JSON object is an error naming the file and line.
 """
 
@@ -26,6 +26,17 @@ ID_KEYS = ("id", "_id", "doc_id", "corpus_id")
 
 def _digest(s: str) -> bytes:
     return hashlib.blake2b(s.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def first_occurrences(hashes: np.ndarray) -> np.ndarray:
+    """Rows whose 16-byte hash has not appeared in an earlier row, in row order (a stable sort of the hashes as two
+    uint64 columns: no copy of them as Python bytes)."""
+    a = np.ascontiguousarray(hashes).view(np.uint64).reshape(-1, 2)
+    order = np.lexsort((a[:, 1], a[:, 0]))  # stable: equal hashes keep their row order
+    s = a[order]
+    new = np.ones(len(order), dtype=bool)
+    new[1:] = (s[1:] != s[:-1]).any(axis=1)
+    return np.sort(order[new])
 
 
 def jsonl_passage(row: Dict[str, Any]) -> Optional[Tuple[str, str]]:
@@ -125,13 +136,13 @@ def read_passages(path: str | Path) -> PassagePool:
             t_buf += _digest(text)
             i_buf += _digest(pid)
     t_hash = np.frombuffer(t_buf, dtype="S16")
-    _, first = np.unique(t_hash, return_index=True)
-    keep = np.sort(first)  # first occurrence of each text, in file order
+    keep = first_occurrences(t_hash)  # of each text, in file order
+    fingerprint = hashlib.sha256(t_hash[keep].tobytes()).hexdigest()[:16]
     off_k = np.frombuffer(off, dtype=np.int64)[keep]
     line_k = np.frombuffer(line_no, dtype=np.int64)[keep]
     piece_k = np.frombuffer(piece, dtype=np.int64)[keep]
     i_hash = np.frombuffer(i_buf, dtype="S16")[keep]
-    del t_buf, i_buf, off, line_no, piece
+    del t_hash, t_buf, i_buf, off, line_no, piece
     rows = FileRows(p)
 
     def get(i: int) -> Tuple[str, str]:
@@ -141,15 +152,12 @@ def read_passages(path: str | Path) -> PassagePool:
         t = line.splitlines()[int(piece_k[i])].strip()
         return stable_id(t), t
 
-    ids_u, id_first, id_count = np.unique(i_hash, return_index=True, return_counts=True)
-    if (id_count > 1).any():
-        dup = ids_u[id_count > 1]
-        rows_dup = np.flatnonzero(np.isin(i_hash, dup))
-        second = next(int(r) for r in rows_dup if r != id_first[np.searchsorted(ids_u, i_hash[r])])
-        first_row = int(id_first[np.searchsorted(ids_u, i_hash[second])])
-        pid = get(second)[0]
+    id_first = first_occurrences(i_hash)
+    if len(id_first) < len(i_hash):
+        repeat = int(np.flatnonzero(~np.isin(np.arange(len(i_hash)), id_first))[0])
+        earlier = int(np.flatnonzero(i_hash == i_hash[repeat])[0])
+        pid = get(repeat)[0]
         rows.close()
-        raise SpecError(f"{p}:{int(line_k[second])}: passage id {pid!r} is already the id of line "
-                        f"{int(line_k[first_row])}: passage ids must be unique")
-    fingerprint = hashlib.sha256(t_hash[keep].tobytes()).hexdigest()[:16]
+        raise SpecError(f"{p}:{int(line_k[repeat])}: passage id {pid!r} is already the id of line "
+                        f"{int(line_k[earlier])}: passage ids must be unique")
     return PassagePool(len(keep), get, fingerprint, str(p), rows.close)

@@ -1,7 +1,8 @@
 """Append-only JSONL outputs that survive being killed: a restart skips items already done (by a stable id).
 
 A kill can leave a half-written last line; :class:`JsonlLog` drops it (truncating the file back to the last complete
-line) before appending, so the next run never glues a new record onto a broken one.
+line) before appending, so the next run never glues a new record onto a broken one. A log keeps only the ids it
+holds in memory; its records are streamed back from the file (:attr:`JsonlLog.rows`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Dict, Iterable, Iterator, Optional
 
 
 def stable_id(*parts: Any) -> str:
@@ -44,9 +45,13 @@ class JsonlLog:
         self.path, self.key = Path(path), key
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._repair()
-        self.rows: List[Dict[str, Any]] = list(read_jsonl(self.path))
-        self.done = {r[key] for r in self.rows if key in r}
+        self.done = {r[key] for r in read_jsonl(self.path) if key in r}
         self._f = self.path.open("a", encoding="utf-8")
+
+    @property
+    def rows(self) -> Iterator[Dict[str, Any]]:
+        """Every record written so far, read from the file (appends are flushed)."""
+        return read_jsonl(self.path)
 
     def _repair(self) -> None:
         if not self.path.exists() or self.path.stat().st_size == 0:
@@ -68,7 +73,6 @@ class JsonlLog:
         n = 0
         for r in rows:
             self._f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            self.rows.append(r)
             if self.key in r:
                 self.done.add(r[self.key])
             n += 1
