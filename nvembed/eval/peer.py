@@ -2,13 +2,14 @@
 sentence-transformers run trained for the same wall-clock seconds, both evaluated on the same suite, over seeds.
 
 The peer is what a sentence-transformers user gets for this job with its defaults: the recipe's backbone and layers
-with causal attention (a decoder's own), mean pooling, ``MultipleNegativesRankingLoss`` (in-batch negatives plus the
-hard negatives), the recipe's LoRA (``nvembed.model.apply_lora``: r, alpha, dropout, target modules), and the very
-batches of the recipe's first stage (nvembed's own batcher at the run's seed: same examples, same hard negatives, same
-instructions, same order), at that stage's batch size and learning rate. It trains until the nvembed run's training
-seconds (its ``stage_summary`` events, checkpoint saves included) are spent; its learning rate decays linearly in
-wall-clock time to zero at the budget (sentence-transformers' default linear schedule, with time for steps: the step
-count is not known beforehand).
+with causal attention (a decoder's own), mean pooling (over every token, the instruction's too, no EOS appended),
+``MultipleNegativesRankingLoss`` (in-batch negatives plus the hard negatives; its default scale 20, i.e. temperature
+0.05 as in the demo recipe), the recipe's LoRA (``nvembed.model.apply_lora``: r, alpha, dropout, target modules), and
+the very batches of the recipe's first stage (nvembed's own batcher at the run's seed: same examples, same hard
+negatives, same instructions, same order), at that stage's batch size and learning rate. It trains until the nvembed
+run's training seconds (its ``stage_summary`` events, checkpoint saves included) are spent; its learning rate decays
+linearly in wall-clock time to zero at the budget (sentence-transformers' default linear schedule, with time for
+steps: the step count is not known beforehand).
 
 Layout::
 
@@ -68,7 +69,8 @@ def _read_json(path: str) -> Optional[Any]:
 # ---- the nvembed side --------------------------------------------------------------------------------------------
 def training_time(run_dir: str) -> Optional[Tuple[float, int]]:
     """(training seconds, optimizer steps) of a finished run: the sum over its stages of the last ``stage_summary``
-    event of each (a resumed stage logs one for the part it ran). None while a stage has none or no export exists."""
+    event of each. None while a stage has none or no export exists. A stage resumed after a kill logs only the part
+    it ran after the resume: its steps are then fewer than the stage's, and the table shows it."""
     from ..rundir import RunDir
     from ..training.tracking import read_metrics
 
@@ -186,9 +188,8 @@ def build_peer(cfg, folder: str):
     tok.save_pretrained(folder)
     if os.path.exists(os.path.join(folder, "chat_template.jinja")):
         os.remove(os.path.join(folder, "chat_template.jinja"))
-    stages = [cfg.stage_defs[s] for s in cfg.stages[:1]]
-    max_len = max(max(s.query_max_length, s.doc_max_length) for s in stages)
-    tr = Transformer(folder, max_seq_length=max_len)
+    st = cfg.stage_defs[cfg.stages[0]]  # one length for queries and documents: sentence-transformers has one
+    tr = Transformer(folder, max_seq_length=max(st.query_max_length, st.doc_max_length))
     model = SentenceTransformer(modules=[tr, Pooling(tr.get_embedding_dimension(), "mean")], device="cpu")
     tr.model = apply_lora(tr.model, m)
     return model
