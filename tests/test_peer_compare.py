@@ -141,11 +141,12 @@ def test_rerun_continues_without_training_again(chain, capsys):
     (["--set", "model.pooling.mode=mean,last_token"], "nvembed: peer error: --set 'model.pooling.mode=mean,last_"),
     (["--set", "stage_defs.stage1.learning_rat=1"], "nvembed: config error: Unknown config key"),
     (["--suite", "no_such_suite.yaml"], "nvembed: suite error:"),
+    (["--recipe", "no_such_recipe"], "nvembed: peer error: --recipe: no recipe"),
 ])
 def test_bad_requests_fail_before_anything_is_written(tmp_path, capsys, argv, says):
     out = tmp_path / "cmp"
     with pytest.raises(SystemExit) as e:
-        peer_compare.main(["--recipe", "smoke", "--out", str(out), *argv])
+        peer_compare.main(["--recipe", "smoke", "--out", str(out), *argv])  # a later --recipe wins
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert says in err and len(err.strip().splitlines()) == 1

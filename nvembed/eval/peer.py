@@ -387,12 +387,15 @@ def run(recipe: str, out_dir: str, *, seeds: Sequence[int], suite: Optional[str]
     """Train (or continue) both sides for every seed, evaluate, write ``OUT/peer.{json,md}``; returns their paths."""
     if not seeds or len(set(seeds)) != len(seeds):
         raise PeerError(f"--seeds: give distinct seeds, got {list(seeds)}")
-    from ..ablate import load_recipe
+    from ..ablate import AblationError, load_recipe
     from ..rundir import RunDir
     from .suite import load_suite
 
     check_extra(extra)
-    composed = load_recipe(recipe, extra)
+    try:
+        composed = load_recipe(recipe, extra)
+    except AblationError as e:  # the same loader, this tool's error kind
+        raise PeerError(str(e)) from None
     suite = resolve_suite(composed, suite)
     load_suite(suite)  # a bad suite fails before any training
     sweep_dir = os.path.join(out_dir, NVEMBED)
