@@ -90,6 +90,10 @@ def main(argv=None) -> int:
         from nvembed.eval.retrieval import open_beir
 
         beir_data = open_beir(a.beir, a.split, allow_missing_docs=a.allow_missing_docs, log=log)
+        if a.store_dir and not Path(a.store_dir).is_dir():
+            from nvembed.mining.store import StoreError
+
+            raise StoreError(f"--store-dir {a.store_dir}: no such folder (the corpus embeddings are written there)")
     elif a.suite:
         from nvembed.eval.suite import load_suite
 

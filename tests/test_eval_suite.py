@@ -150,3 +150,14 @@ def test_evaluate_script_prints_json(capsys, tmp_path):
                      "--table", str(tmp_path / "t.md")]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["adi/ndcg@10"] > 0.2 and (tmp_path / "t.md").exists()
+
+
+def test_evaluate_script_store_dir_must_exist(tmp_path, capsys):
+    """A missing --store-dir is one user error before any model loads, and nothing is created there."""
+    mod = _load_script("evaluate")
+    with pytest.raises(SystemExit) as e:
+        mod.main(["bm25", "--beir", str(EVAL / "beir" / "adi"), "--store-dir", str(tmp_path / "absent")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "nvembed: embedding store error: --store-dir" in err and "absent" in err and "Traceback" not in err
+    assert not (tmp_path / "absent").exists()
