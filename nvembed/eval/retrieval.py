@@ -29,7 +29,7 @@ import numpy as np
 
 from nvembed.data.sources import jsonl_objects
 from nvembed.data.spec import SpecError
-from nvembed.mining.texts import _first_seen, digest
+from nvembed.mining.texts import digest, first_seen
 from nvembed.mining.topk import chunked_topk
 
 Corpus = Dict[str, Dict[str, str]]
@@ -83,7 +83,7 @@ class BeirCorpus:
             offs.append(off)
             buf += digest(str(r["_id"]))
         hashes = np.frombuffer(bytes(buf), dtype="S16")
-        first, label, _, _ = _first_seen(hashes)
+        first, label, _, _ = first_seen(hashes)
         last = np.zeros(len(first), dtype=np.int64)
         np.maximum.at(last, label, np.arange(len(hashes)))
         return cls(path, np.frombuffer(offs, dtype=np.int64)[last], hashes[first])

@@ -16,6 +16,7 @@ Main score per type: retrieval ``ndcg@10``, sts ``spearman``, classification ``a
 ``v_measure``. A BM25 "model" runs retrieval tasks only (other tasks are reported as skipped). A retrieval task whose
 qrels name documents absent from its corpus fails unless it sets ``allow_missing_docs: true`` (judgments dropped and
 counted). :func:`load_suite` checks keys and paths first; its errors name the file, the task's line and the key.
+Retrieval tasks keep their corpus on disk (:mod:`nvembed.eval.retrieval`: embeddings in a temporary store).
 """
 
 from __future__ import annotations

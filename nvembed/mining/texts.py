@@ -6,8 +6,9 @@ a 16-byte BLAKE2b hash, in numpy arrays; a text is read back from disk when a ch
   share a 128-bit hash with probability ~n^2 / 2^129: none for any corpus at hand.
 * What stays in memory is numpy (hashes, offsets, the grouping's indices): ~140 bytes per corpus row + pair row
   measured, ~1.4 GB for 10 M of each, against 5-10 GB of Python strings for 10 M passages.
-* :class:`TextTable` is a lazy ``Sequence[str]``: the embedding store slices it chunk by chunk, the cache key
-  iterates it, the miner indexes the few rows a block of results needs.
+* :class:`TextTable` is a lazy ``Sequence[str]``: the embedding store slices it chunk by chunk, the miner indexes
+  the few rows a block of results needs. The stores' cache key hashes the digests (``doc_hash``, ``query_hash``),
+  never the texts.
 """
 
 from __future__ import annotations
@@ -161,7 +162,7 @@ class MiningTexts:
             f.close()
 
 
-def _first_seen(hashes: np.ndarray):
+def first_seen(hashes: np.ndarray):
     """First-seen order of distinct hashes, as a dict would give it: ``(first, label, uniq, rank)`` with ``first``
     the row of each distinct hash's first occurrence (in that order), ``label[i]`` the distinct index of row ``i``,
     ``uniq`` the sorted distinct hashes and ``rank`` their distinct index (for lookups by ``searchsorted``)."""
@@ -191,7 +192,7 @@ def _plan(c_hash, c_key, c_sub, q_hash, pe_group, pe_hash, pe_key, pe_sub, n_gro
     k_j = np.arange(len(kept)) - pos_ptr[k_group]  # index among the query's distinct positives
     n_c = len(c_hash)
     all_hash = np.concatenate([c_hash, pe_hash[kept]]).astype("S16")
-    entries, label, uniq, rank = _first_seen(all_hash)
+    entries, label, uniq, rank = first_seen(all_hash)
     src = (entries >= n_c).astype(np.uint8)  # 0: a corpus row, 1: a positive
     docs = TextTable(doc_getters, src, np.concatenate([c_key, pe_key[kept]])[entries],
                      np.concatenate([c_sub, pe_sub[kept]])[entries])
@@ -242,7 +243,7 @@ def from_files(pairs_path, corpus_path=None) -> MiningTexts:
             p_buf += digest(_text(pairs_path, n, pk, p))
         row_off.append(off)
     row_off = np.frombuffer(row_off, dtype=np.int64)
-    groups, row_group, _, _ = _first_seen(_hashes(q_buf))
+    groups, row_group, _, _ = first_seen(_hashes(q_buf))
     pe_row = np.frombuffer(pe_row, dtype=np.int64)
     c_off, c_line, c_buf = array("q"), array("q"), bytearray()
     txt = corpus_path is not None and Path(corpus_path).suffix == ".txt"
