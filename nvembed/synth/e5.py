@@ -34,7 +34,7 @@ from .prompts import (ASYMMETRIC, SYMMETRIC, SYMMETRIC_INSTRUCTIONS, TYPES, brai
                       language_table, sample_placeholders)
 from .resume import JsonlLog, stable_id
 
-__all__ = ["E5Config", "run_e5", "extract_json", "TYPES", "ASYMMETRIC", "SYMMETRIC"]
+__all__ = ["E5Config", "run_e5", "read_tasks_file", "extract_json", "TYPES", "ASYMMETRIC", "SYMMETRIC"]
 
 
 @dataclass
