@@ -21,16 +21,25 @@ from ..rundir import RunDir
 
 
 class EmbedderEncoder:
-    """The training model seen through the evaluation encoder protocol."""
+    """The training model seen through the evaluation encoder protocol: the exported model's own ``encode``, with
+    the precision passed explicitly (``autocast_dtype``), as a user of the export would pass it."""
 
-    def __init__(self, embedder, name: str, max_length: int, autocast):
-        self.embedder, self.name, self.max_length, self.autocast = embedder, name, max_length, autocast
+    def __init__(self, embedder, name: str, max_length: int, autocast_dtype: Optional[torch.dtype] = None):
+        self.embedder, self.name, self.max_length, self.autocast_dtype = embedder, name, max_length, autocast_dtype
 
     def encode(self, texts, *, instruction: Optional[str] = None, batch_size: int = 32,
                show_progress: bool = False) -> np.ndarray:
-        with self.autocast():
-            return self.embedder.encode(list(texts), instruction=instruction, batch_size=batch_size,
-                                        max_length=self.max_length, show_progress=show_progress)
+        return self.embedder.encode(list(texts), instruction=instruction, batch_size=batch_size,
+                                    max_length=self.max_length, show_progress=show_progress,
+                                    autocast_dtype=self.autocast_dtype)
+
+
+def autocast_dtype(acc) -> Optional[torch.dtype]:
+    """The dtype ``acc.autocast()`` runs forwards in: bf16/fp16 under native mixed precision; None for fp32 and
+    under DeepSpeed (its weights carry the precision)."""
+    if not getattr(acc, "native_amp", False):
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(acc.mixed_precision))
 
 
 def _suites(cfg) -> List[str]:
@@ -125,7 +134,7 @@ class Evaluation:
             # ZeRO-3: every forward gathers weights from all ranks, so every rank encodes (the same texts); rank 0
             # writes
             self.log(f"evaluating ({label})")
-            enc = EmbedderEncoder(self.model, label, cfg.eval.max_length, acc.autocast)
+            enc = EmbedderEncoder(self.model, label, cfg.eval.max_length, autocast_dtype(acc))
             dims = [d for d in labels if d is not None]
             results = _run_suites(enc, cfg, None, dims) if dims else {None: _run_suites(enc, cfg, None)}
         if results is not None and acc.is_main_process:
