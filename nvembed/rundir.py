@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from .errors import UserError
 
 WEIGHTS = "model.safetensors"
-"""Trainable weights of a stage/checkpoint folder (the same name as ``nvembed.model.embedder.WEIGHTS``)."""
+"""Trainable weights of a stage/checkpoint folder (``Embedder.save_weights`` writes it)."""
 MODEL_CONFIG = "nvembed_model.json"
 """The model config saved next to them (unscrubbed, unlike config.yaml)."""
 STATE = "state.json"

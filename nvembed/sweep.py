@@ -146,7 +146,7 @@ class SweepCallback(Callback):
 
 
 def check_folders(sweep_dir: str, jobs: List[Tuple[str, Dict[str, str]]], resume: bool) -> None:
-    from .training.checkpoint import RUN_MARKER, RunDirError
+    from .rundir import RUN_MARKER, RunDirError
 
     if os.path.isfile(os.path.join(sweep_dir, RUN_MARKER)):
         raise RunDirError(f"output_dir {sweep_dir} holds a single run; a sweep (-m) puts one run per combination "
@@ -161,18 +161,18 @@ def check_folders(sweep_dir: str, jobs: List[Tuple[str, Dict[str, str]]], resume
 # ---- the table ----------------------------------------------------------------------------------------------------
 def run_row(sweep_dir: str, name: str, overrides: Dict[str, str]) -> Dict[str, Any]:
     """One run's row: overrides, status, final training loss, main scores of its last evaluation."""
-    from .training.checkpoint import RUN_MARKER
+    from .rundir import STATE, RunDir
     from .training.tracking import read_metrics
 
     out = os.path.join(sweep_dir, name)
+    run = RunDir(out)
     row: Dict[str, Any] = {"run": name, "output_dir": out, "overrides": overrides, "status": "not started",
                            "final_loss": None, "eval_label": None, "eval": {}, "eval_avg": None}
-    marker = os.path.join(out, RUN_MARKER)
-    if not os.path.isfile(marker):
+    if not run.is_run():
         return row
-    with open(marker) as f:
+    with open(run.marker) as f:
         stages = json.load(f).get("stages", [])
-    done = all(os.path.isfile(os.path.join(out, s, "final", "state.json")) for s in stages)
+    done = all(os.path.isfile(os.path.join(run.stage_final(s), STATE)) for s in stages)
     row["status"] = "complete" if done else "incomplete"
     try:
         steps = [r for r in read_metrics(out) if r.get("event") == "step" and r.get("loss") is not None]
@@ -181,7 +181,7 @@ def run_row(sweep_dir: str, name: str, overrides: Dict[str, str]) -> Dict[str, A
         steps = []
     if steps:
         row["final_loss"] = steps[-1]["loss"]
-    results = os.path.join(out, "eval", "results.json")
+    results = run.eval_file("results")
     if os.path.isfile(results):
         with open(results) as f:
             evals = json.load(f)

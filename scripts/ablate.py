@@ -34,7 +34,7 @@ def main(argv=None) -> int:
                     help="overrides for every run (e.g. a smaller scale: stage_defs.stage1.max_steps=20)")
     ap.add_argument("--no-train", action="store_true", help="evaluate and tabulate the runs already there")
     a = ap.parse_args(argv)
-    from nvembed.ablate import run
+    from nvembed.eval.ablate import run
 
     paths = run(a.recipe, a.out, seeds=a.seeds, only=a.groups, suite=a.suite, extra=a.set, train=not a.no_train,
                 log=lambda m: print(m, file=sys.stderr, flush=True))

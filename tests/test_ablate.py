@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from nvembed.ablate import AblationError, aggregate, format_table, groups, load_recipe, run, setting_name
+from nvembed.eval.ablate import aggregate, format_table, groups, run, setting_name
+from nvembed.eval.experiment import ExperimentError, load_recipe
 
 CI_SUITE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data_specs", "eval", "ci.yaml")
 
@@ -31,7 +32,7 @@ def test_aggregate_mean_and_sample_std():
 
     rows = [{"group": "g", "setting": "reference", "seed": s, "result": res(v)} for s, v in [(1, 0.5), (2, 0.7)]]
     rows += [{"group": "g", "setting": "mean", "seed": 1, "result": res(0.4)}]
-    lines = {l["setting"]: l for l in aggregate(rows)}
+    lines = {ln["setting"]: ln for ln in aggregate(rows)}
     m, sd = lines["reference"]["all"]
     assert m == pytest.approx(60.0) and sd == pytest.approx(14.1421356, rel=1e-6)
     assert lines["mean"]["all"] == (pytest.approx(40.0), 0.0)
@@ -41,17 +42,19 @@ def test_aggregate_mean_and_sample_std():
 
 def test_setting_names():
     d = {"model.pooling.mode": "latent_attention", "model.bidirectional": "true"}
-    assert setting_name("p", {"model.pooling.mode": "latent_attention", "model.bidirectional": "true", "seed": "1"},
+    assert setting_name({"model.pooling.mode": "latent_attention", "model.bidirectional": "true", "seed": "1"},
                         d) == "reference"
-    assert setting_name("p", {"model.pooling.mode": "mean", "model.bidirectional": "false", "seed": "2"},
-                        d) == "pooling.mode=mean+causal".replace("pooling.mode", "mode")
+    assert setting_name({"model.pooling.mode": "mean", "model.bidirectional": "false", "seed": "2"}, d) == "mode=mean+causal"
+    assert setting_name({"stages": "[stage1]", "stage_defs.stage1.max_steps": "90"}, d) == "one stage (stage1)+max_steps=90"
 
 
 def test_bad_requests_fail_before_training(tmp_path):
-    with pytest.raises(AblationError, match="--groups: unknown"):
+    with pytest.raises(ExperimentError, match="--groups: unknown"):
         run("smoke", str(tmp_path), seeds=[1], only=["nope"], suite=CI_SUITE)
-    with pytest.raises(AblationError, match="--seeds"):
+    with pytest.raises(ExperimentError, match="--seeds"):
         run("smoke", str(tmp_path), seeds=[1, 1], suite=CI_SUITE)
+    with pytest.raises(ExperimentError, match="--set 'seed=3'"):
+        run("smoke", str(tmp_path), seeds=[1], suite=CI_SUITE, extra=["seed=3"])
     assert not any(tmp_path.iterdir())
 
 

@@ -137,11 +137,11 @@ def test_rerun_continues_without_training_again(chain, capsys):
 
 
 @pytest.mark.parametrize("argv, says", [
-    (["--seeds", "1", "1"], "nvembed: peer error: --seeds: give distinct seeds"),
-    (["--set", "model.pooling.mode=mean,last_token"], "nvembed: peer error: --set 'model.pooling.mode=mean,last_"),
+    (["--seeds", "1", "1"], "nvembed: experiment error: --seeds: give distinct seeds"),
+    (["--set", "model.pooling.mode=mean,last_token"], "nvembed: experiment error: --set 'model.pooling.mode=mean,last_"),
     (["--set", "stage_defs.stage1.learning_rat=1"], "nvembed: config error: Unknown config key"),
     (["--suite", "no_such_suite.yaml"], "nvembed: suite error:"),
-    (["--recipe", "no_such_recipe"], "nvembed: peer error: --recipe: no recipe"),
+    (["--recipe", "no_such_recipe"], "nvembed: experiment error: --recipe: no recipe"),
 ])
 def test_bad_requests_fail_before_anything_is_written(tmp_path, capsys, argv, says):
     out = tmp_path / "cmp"

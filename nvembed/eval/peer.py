@@ -25,8 +25,6 @@ Re-running continues: finished runs and evaluations are kept (an unfinished nvem
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import shutil
 import subprocess
@@ -36,34 +34,13 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 from transformers import TrainerCallback
 
-from ..errors import UserError
+from .experiment import (TYPES, ExperimentError, cell, check_extra, check_seeds, evaluate_export, load_recipe,
+                         mean_std, read_json, resolve_suite, sweep_command, write_json)
 
-TYPES = ("retrieval", "sts", "classification", "clustering")
 NVEMBED, PEER = "nvembed", "peer"
 EVAL_FILE = "peer_eval.json"
 BUDGET_SLACK_S = 0.5
 """A finished peer is kept when its budget differs from the nvembed run's seconds by at most this much."""
-
-
-class PeerError(UserError, ValueError):
-    """A peer comparison cannot run as asked (bad seeds or suite, a training that failed); names the argument or
-    the run folder."""
-
-    kind = "peer"
-
-
-def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def _read_json(path: str) -> Optional[Any]:
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 # ---- the nvembed side --------------------------------------------------------------------------------------------
@@ -84,39 +61,6 @@ def training_time(run_dir: str) -> Optional[Tuple[float, int]]:
     return sum(float(last[s]["seconds"]) for s in stages), sum(int(last[s]["steps"]) for s in stages)
 
 
-def _quote(value: str) -> str:
-    """A Hydra override value taken literally (a folder may hold ``=`` or ``,``)."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def train_command(recipe: str, sweep_dir: str, seeds: Sequence[int], extra: Sequence[str], resume: bool) -> List[str]:
-    """One ``train/train.py -m`` process over the seeds (one interpreter start, not one per seed): Hydra names each
-    run ``SWEEP_DIR/seed=S``; ``choice(...)`` keeps a single seed a sweep, named the same way."""
-    from ..paths import SOURCE_ROOT
-
-    cmd = [sys.executable, os.path.join(SOURCE_ROOT, "train", "train.py"), "-m", f"--config-name={recipe}",
-           f"output_dir={_quote(sweep_dir)}", "seed=choice(" + ",".join(str(s) for s in seeds) + ")",
-           "eval.enabled=false", "export_final=true", *extra]
-    return cmd + (["resume=true"] if resume else [])
-
-
-def check_extra(extra: Sequence[str]) -> None:
-    """``--set`` values change every run; a comma list (a sweep) would make runs this comparison cannot name."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
-
-    from ..config import check_key
-
-    for e in extra:
-        check_key(e.split("=", 1)[0].lstrip("+~"))  # a misspelled key fails here, not in the training process
-        try:
-            (o,) = OverridesParser.create().parse_overrides([e])
-        except (OverrideParseException, ValueError) as err:
-            raise PeerError(f"--set {e!r}: not a key=value override ({str(err).splitlines()[0]})") from None
-        if o.is_sweep_override() or o.key_or_group in ("seed", "output_dir", "resume"):
-            raise PeerError(f"--set {e!r}: give one value per key (seeds go in --seeds, the folder in --out)")
-
-
 def train_nvembed(recipe: str, sweep_dir: str, seeds: Sequence[int], extra: Sequence[str],
                   log: Callable[[str], None]) -> List[int]:
     """Train (or resume) the recipe for the seeds whose run in ``SWEEP_DIR/seed=S`` has not finished; returns the
@@ -126,7 +70,7 @@ def train_nvembed(recipe: str, sweep_dir: str, seeds: Sequence[int], extra: Sequ
     todo = [s for s in seeds if training_time(os.path.join(sweep_dir, f"seed={s}")) is None]
     if todo:
         started = any(RunDir(os.path.join(sweep_dir, f"seed={s}")).is_run() for s in todo)
-        cmd = train_command(recipe, sweep_dir, todo, extra, resume=started)
+        cmd = sweep_command(recipe, sweep_dir, todo, list(extra), resume=started)
         log("[peer] " + " ".join(cmd))
         code = subprocess.run(cmd).returncode
         if code != 0:
@@ -285,14 +229,14 @@ def train_peer(cfg, budget_s: float, out_dir: str, log: Callable[[str], None]) -
             "first_loss": clock.losses[0] if clock.losses else None,
             "last_loss": clock.losses[-1] if clock.losses else None, "stage": stage, "batch_size": st.batch_size,
             "learning_rate": st.learning_rate, "precision": precision}
-    _write_json(os.path.join(out_dir, "train.json"), info)
+    write_json(os.path.join(out_dir, "train.json"), info)
     log(f"[peer] trained {clock.steps} steps in {clock.elapsed:.1f}s (budget {budget_s:.1f}s)")
     return info
 
 
 def ensure_peer(cfg, budget_s: float, out_dir: str, log: Callable[[str], None]) -> Dict[str, Any]:
     """The peer of a run: kept when it finished with the same budget, else (re)trained."""
-    info = _read_json(os.path.join(out_dir, "train.json"))
+    info = read_json(os.path.join(out_dir, "train.json"))
     same = info is not None and abs(info["budget_seconds"] - budget_s) <= BUDGET_SLACK_S
     if same and os.path.isdir(os.path.join(out_dir, "model")):
         log(f"[peer] {out_dir}: finished earlier, kept")
@@ -304,31 +248,6 @@ def ensure_peer(cfg, budget_s: float, out_dir: str, log: Callable[[str], None]) 
 
 
 # ---- evaluation and the table ------------------------------------------------------------------------------------
-def evaluate(model_dir: str, suite: str, cache: str, max_length: int, log: Callable[[str], None]) -> Dict[str, Any]:
-    """Suite result of a model folder through :func:`nvembed.eval.encoders.load_encoder` (instructions on, the
-    recipe's evaluation length), cached in ``cache`` while it is newer than the model."""
-    stamp = os.path.getmtime(os.path.join(model_dir, "config.json"))
-    res = _read_json(cache)
-    if res is not None and res.get("suite_path") == suite and os.path.getmtime(cache) >= stamp:
-        return res
-    from .encoders import load_encoder
-    from .suite import run_suite
-
-    log(f"[peer] evaluating {model_dir}")
-    res = run_suite(load_encoder(model_dir, use_instructions=True, max_seq_length=max_length), suite)
-    res["suite_path"] = suite
-    _write_json(cache, res)
-    return res
-
-
-def mean_std(vals: Sequence[float]) -> Tuple[Optional[float], Optional[float]]:
-    """Mean and sample standard deviation (0 for one value; None for none)."""
-    if not vals:
-        return None, None
-    m = sum(vals) / len(vals)
-    return m, (math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0)
-
-
 def scores(result: Dict[str, Any]) -> Dict[str, float]:
     """Suite average and per-type averages, x100."""
     return {k: 100 * v for k, v in result["average"].items()}
@@ -344,11 +263,6 @@ def summarize(seeds: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, Tuple[Opti
         out[PEER][key] = mean_std([s[PEER]["scores"][key] for s in both])
         out["difference"][key] = mean_std([s[NVEMBED]["scores"][key] - s[PEER]["scores"][key] for s in both])
     return out
-
-
-def _cell(ms: Tuple[Optional[float], Optional[float]], sign: bool = False) -> str:
-    m, sd = ms
-    return "-" if m is None else (f"{m:+.2f} ± {sd:.2f}" if sign else f"{m:.2f} ± {sd:.2f}")
 
 
 def format_table(seeds: Sequence[Dict[str, Any]], summary: Dict[str, Any]) -> str:
@@ -367,35 +281,20 @@ def format_table(seeds: Sequence[Dict[str, Any]], summary: Dict[str, Any]) -> st
     for who, label, sign in ((NVEMBED, f"nvembed (mean ± std, {n} seeds)", False),
                              (PEER, f"peer (mean ± std, {n} seeds)", False),
                              ("difference", "nvembed - peer", True)):
-        cells = ["all", label, "", ""] + [_cell(summary[who][k], sign) for k in keys]
+        cells = ["all", label, "", ""] + [cell(summary[who][k], sign) for k in keys]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
-
-
-def resolve_suite(recipe: Dict[str, Any], suite: Optional[str]) -> str:
-    """``suite`` as typed (absolute, from the working directory or under ``data_specs/eval``), else the recipe's
-    first eval suite resolved as the trainer does."""
-    from ..paths import eval_suites_root, resolve_path
-
-    if suite is None:
-        suite = ((recipe.get("eval") or {}).get("suites") or ["demo.yaml"])[0]
-    return os.path.abspath(resolve_path(suite, [eval_suites_root()]))
 
 
 def run(recipe: str, out_dir: str, *, seeds: Sequence[int], suite: Optional[str] = None, extra: Sequence[str] = (),
         log: Callable[[str], None] = print) -> Dict[str, str]:
     """Train (or continue) both sides for every seed, evaluate, write ``OUT/peer.{json,md}``; returns their paths."""
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise PeerError(f"--seeds: give distinct seeds, got {list(seeds)}")
-    from ..ablate import AblationError, load_recipe
     from ..rundir import RunDir
     from .suite import load_suite
 
+    check_seeds(seeds)
     check_extra(extra)
-    try:
-        composed = load_recipe(recipe, extra)
-    except AblationError as e:  # the same loader, this tool's error kind
-        raise PeerError(str(e)) from None
+    composed = load_recipe(recipe, extra)
     suite = resolve_suite(composed, suite)
     load_suite(suite)  # a bad suite fails before any training
     sweep_dir = os.path.join(out_dir, NVEMBED)
@@ -408,8 +307,8 @@ def run(recipe: str, out_dir: str, *, seeds: Sequence[int], suite: Optional[str]
         cfg = RunDir(run_dir).load_config()
         peer = ensure_peer(cfg, seconds, peer_dir, log)
         max_len = cfg.eval.max_length
-        nv_res = evaluate(RunDir(run_dir).final, suite, os.path.join(run_dir, EVAL_FILE), max_len, log)
-        peer_res = evaluate(os.path.join(peer_dir, "model"), suite, os.path.join(peer_dir, "eval.json"), max_len, log)
+        nv_res = evaluate_export(RunDir(run_dir).final, suite, os.path.join(run_dir, EVAL_FILE), max_len, log)
+        peer_res = evaluate_export(os.path.join(peer_dir, "model"), suite, os.path.join(peer_dir, "eval.json"), max_len, log)
         rows.append({"seed": seed,
                      NVEMBED: {"run": run_dir, "seconds": seconds, "steps": steps, "scores": scores(nv_res),
                                "tasks": {t: 100 * r["main_score"] for t, r in nv_res["tasks"].items()}},
@@ -420,7 +319,7 @@ def run(recipe: str, out_dir: str, *, seeds: Sequence[int], suite: Optional[str]
     summary = summarize(rows)
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, "peer.json"), "md": os.path.join(out_dir, "peer.md")}
-    _write_json(paths["json"], {"recipe": recipe, "extra": list(extra), "suite": suite, "seeds": list(seeds),
+    write_json(paths["json"], {"recipe": recipe, "extra": list(extra), "suite": suite, "seeds": list(seeds),
                                 "runs": rows, "summary": summary})
     caption = (f"Recipe `{recipe}`{' with ' + ' '.join(extra) if extra else ''}, suite `{suite}`. Scores x100 (each "
                f"task's main score, averaged per type). train s: nvembed's stage_summary seconds (every stage, "
@@ -428,6 +327,6 @@ def run(recipe: str, out_dir: str, *, seeds: Sequence[int], suite: Optional[str]
     with open(paths["md"], "w") as f:
         f.write(caption + format_table(rows, summary) + "\n")
     if failed:  # after the table: what finished is not lost
-        raise PeerError(f"nvembed training failed for seeds {failed} (messages above; runs in {sweep_dir}); "
+        raise ExperimentError(f"nvembed training failed for seeds {failed} (messages above; runs in {sweep_dir}); "
                         f"{paths['md']} holds the other seeds; re-run the same command to continue")
     return paths

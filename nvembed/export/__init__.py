@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from typing import Any, Dict, Optional, Union
 
 from ..errors import UserError
+from ..rundir import CONFIG, FINAL, MODEL_CONFIG, WEIGHTS, checkpoint_step
 
 __all__ = ["export_model", "push_to_hub", "check_no_secrets", "ExportError", "check_export_dir", "is_export",
            "publish_export"]
 
 # the files that make a folder training weights (a stage's ``final`` or a ``checkpoint-N``): never an export target
-_WEIGHTS_FILES = ("model.safetensors", "nvembed_model.json")
+_WEIGHTS_FILES = (WEIGHTS, MODEL_CONFIG)
 
 
 class ExportError(UserError, ValueError):
@@ -54,11 +54,11 @@ def _training_folder(path: str) -> Optional[str]:
     """Why ``path`` belongs to training (weights, checkpoint or stage folder), or None."""
     if all(os.path.isfile(os.path.join(path, f)) for f in _WEIGHTS_FILES):
         return "training weights"
-    if re.fullmatch(r"checkpoint-\d+", os.path.basename(path)):
+    if checkpoint_step(os.path.basename(path)) >= 0:
         return "a training checkpoint folder"
     parent = os.path.dirname(path)
-    if os.path.isfile(os.path.join(parent, "config.yaml")) and os.path.isdir(path) and any(
-            (n == "final" or re.fullmatch(r"checkpoint-\d+", n)) and os.path.isdir(os.path.join(path, n))
+    if os.path.isfile(os.path.join(parent, CONFIG)) and os.path.isdir(path) and any(
+            (n == FINAL or checkpoint_step(n) >= 0) and os.path.isdir(os.path.join(path, n))
             for n in os.listdir(path)):
         return "a training stage folder"
     return None

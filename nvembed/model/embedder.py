@@ -26,12 +26,10 @@ from torch import nn
 from ..config import ModelConfig
 from ..hf.configuration_nvembed import NVEmbedConfig
 from ..hf.modeling_nvembed import NVEmbedModel
+from ..rundir import MODEL_CONFIG, WEIGHTS  # noqa: F401  (file names of the run-folder layout; re-exported)
 from .backbone import DTYPES, apply_lora, compile_layers, load_backbone, load_tokenizer
 from .bucketing import bucketed_forward
 from .nvembed_layout import CheckpointLayoutError, is_nvembed_checkpoint, load_head
-
-WEIGHTS = "model.safetensors"
-MODEL_CONFIG = "nvembed_model.json"
 
 # backbone config keys that describe where it came from rather than what it is
 _PROVENANCE_KEYS = ("_name_or_path", "_model_name_or_path", "transformers_version", "auto_map", "quantization_config",
