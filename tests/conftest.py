@@ -76,3 +76,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def perturbed_embedder(cfg, seed=0):
+    """A tiny Embedder whose LoRA B matrices and head are non-trivial (so merging and head weights matter)."""
+    import torch
+
+    from nvembed.model import build_embedder
+
+    emb = build_embedder(cfg, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in emb.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            elif name.startswith("model.latent_attention_model."):
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+            elif not cfg.lora.enabled and "layers.0.mlp" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return emb.eval()

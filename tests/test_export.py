@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, tiny_model_config
+from conftest import REPO, perturbed_embedder as _perturbed, tiny_model_config
 from nvembed.config import LoraConfig, PoolingConfig, RunConfig, StageConfig
 from nvembed.export import export_model
 from nvembed.export.model_card import is_secret_key, scrub
@@ -23,21 +23,6 @@ TEXTS = ["What is the capital of France?", "Paris is the capital and largest cit
          "A much longer text, with punctuation; numbers 12345 and a few more words to make it the longest one here."]
 INSTRUCTION = "Given a question, retrieve passages that answer the question"
 ATOL = 1e-5
-
-
-def _perturbed(cfg, seed=0):
-    """A tiny Embedder whose LoRA B matrices and head are non-trivial (so merging and head weights matter)."""
-    emb = build_embedder(cfg, seed=seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in emb.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-            elif name.startswith("model.latent_attention_model."):
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-            elif not cfg.lora.enabled and "layers.0.mlp" in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return emb.eval()
 
 
 def _prompt(cfg, instruction):

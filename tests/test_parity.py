@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_model_config
+from conftest import perturbed_embedder as _perturbed, tiny_model_config
 from nvembed.config import PoolingConfig
 from nvembed.export import export_model
-from nvembed.model import build_embedder
 
 TEXTS = ["What is the capital of France?", "Paris is the capital and largest city of France.", "x",
          "A much longer text, with punctuation; numbers 12345 and a few more words to make it the longest one here."]
@@ -52,19 +51,6 @@ def _option_in_effect(name, emb, folder_config):
         assert tok.padding_side == "left" and (feats["attention_mask"][:, 0] == 0).any()
     if name != "instruction_pooled":
         assert (feats["pool_mask"] < feats["attention_mask"]).any()  # the prompt is left out of pooling
-
-
-def _perturbed(cfg, seed=0):
-    """A tiny Embedder whose LoRA B matrices and head are non-trivial (so merging and the head matter)."""
-    emb = build_embedder(cfg, seed=seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in emb.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-            elif name.startswith("model.latent_attention_model."):
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return emb.eval()
 
 
 _BUILT = {}
