@@ -34,10 +34,10 @@ def check_eval(cfg: RunConfig) -> None:
     if not cfg.eval.enabled:
         return
     from .eval.suite import load_suite
-    from .training.evaluation import _suites, resolve_baseline
+    from .training.evaluation import resolve_baseline, suite_paths
 
     try:
-        for path in _suites(cfg):
+        for path in suite_paths(cfg):
             load_suite(path)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"'eval.suites': {e}") from None

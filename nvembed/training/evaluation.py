@@ -42,7 +42,8 @@ def autocast_dtype(acc) -> Optional[torch.dtype]:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(acc.mixed_precision))
 
 
-def _suites(cfg) -> List[str]:
+def suite_paths(cfg) -> List[str]:
+    """The files of ``eval.suites`` (absolute, from the working directory, or under ``data_specs/eval``)."""
     root = eval_suites_root()
     out = []
     for s in cfg.eval.suites:
@@ -79,7 +80,7 @@ def _run_suites(encoder, cfg, log, truncate_dims=()) -> Dict[str, Any]:
     memo = encoder if not dims or isinstance(encoder, BM25Retriever) else _TaskMemo(encoder)
     encs = {None: memo, **{d: TruncatedEncoder(memo, d, name=f"{encoder.name}@{d}") for d in dims}}
     merged = {d: {"model": e.name, "tasks": {}, "average": {}, "seconds": 0.0} for d, e in encs.items()}
-    for path in _suites(cfg):
+    for path in suite_paths(cfg):
         suite = load_suite(path)
         for task in suite["tasks"]:
             for d, enc in encs.items():
