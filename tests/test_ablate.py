@@ -45,6 +45,9 @@ def test_setting_names():
     assert setting_name({"model.pooling.mode": "latent_attention", "model.bidirectional": "true", "seed": "1"},
                         d) == "reference"
     assert setting_name({"model.pooling.mode": "mean", "model.bidirectional": "false", "seed": "2"}, d) == "mode=mean+causal"
+    # a swept bool comes back from Hydra as True/False
+    assert setting_name({"model.pooling.mode": "latent_attention", "model.bidirectional": "True"}, d) == "reference"
+    assert setting_name({"model.pooling.mode": "mean", "model.bidirectional": "False"}, d) == "mode=mean+causal"
     assert setting_name({"stages": "[stage1]", "stage_defs.stage1.max_steps": "90"}, d) == "one stage (stage1)+max_steps=90"
 
 

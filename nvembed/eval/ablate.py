@@ -55,6 +55,7 @@ def setting_name(overrides: Dict[str, str], defaults: Dict[str, str]) -> str:
     ``reference``."""
     parts = []
     for k, v in overrides.items():
+        v = v.lower() if v in ("True", "False") else v  # Hydra writes a swept bool as True/False
         if k == "seed" or defaults.get(k) == v:
             continue
         if k == "model.bidirectional":
