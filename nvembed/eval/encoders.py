@@ -151,37 +151,38 @@ class TruncatedEncoder:
 
 
 class BM25Retriever:
-    """Lexical baseline (bm25s, Lucene-style BM25 with English stopwords). Not a :class:`TextEncoder`:
-    retrieval evaluation calls :meth:`index` then :meth:`search`; other task types are skipped."""
+    """Lexical baseline: bm25s's Lucene-style BM25 (English stopwords, k1 1.5, b 0.75) computed by
+    :mod:`nvembed.eval.bm25` with the texts read ``chunk_size`` at a time, never the whole corpus in memory. Not a
+    :class:`TextEncoder`: retrieval evaluation calls :meth:`index` then :meth:`search`; other task types are
+    skipped."""
 
     name = "bm25"
 
-    def __init__(self, *, k1: float = 1.5, b: float = 0.75, stopwords: str = "en", name: str = "bm25"):
-        self.k1, self.b, self.stopwords, self.name = k1, b, stopwords, name
-        self._retriever, self._ids = None, None
+    def __init__(self, *, k1: float = 1.5, b: float = 0.75, stopwords: str = "en", name: str = "bm25",
+                 chunk_size: int = 16384):
+        self.k1, self.b, self.stopwords, self.name, self.chunk_size = k1, b, stopwords, name, chunk_size
+        self._texts, self._ids, self._stats = None, None, None
 
-    def index(self, doc_ids: Sequence[str], texts: Sequence[str]) -> "BM25Retriever":
-        import bm25s
+    def index(self, doc_ids, texts: Sequence[str]) -> "BM25Retriever":
+        """Pass 1 over ``texts`` (a sequence that slices: a list, or texts read back from disk such as
+        :class:`~nvembed.eval.retrieval.DocTexts`, which is kept and read again by :meth:`search`). ``doc_ids``: a
+        sequence, or a function rows -> ids called for the retrieved rows only."""
+        from nvembed.eval.bm25 import corpus_stats
 
-        self._ids = list(doc_ids)
-        tokens = bm25s.tokenize(list(texts), stopwords=self.stopwords, show_progress=False)
-        self._retriever = bm25s.BM25(k1=self.k1, b=self.b)
-        self._retriever.index(tokens, show_progress=False)
+        self._ids = doc_ids if callable(doc_ids) else list(doc_ids)
+        self._texts = texts
+        self._stats = corpus_stats(texts, stopwords=self.stopwords, chunk_size=self.chunk_size)
         return self
 
     def search(self, queries: Sequence[str], k: int = 100) -> List[Dict[str, float]]:
         """Return, per query, ``{doc_id: score}`` of the top ``k`` documents (documents with score 0 omitted)."""
-        import bm25s
+        from nvembed.eval.bm25 import run_of, search
 
-        if self._retriever is None:
+        if self._stats is None:
             raise RuntimeError("call index() first")
-        k = min(k, len(self._ids))
-        tokens = bm25s.tokenize(list(queries), stopwords=self.stopwords, show_progress=False)
-        docs, scores = self._retriever.retrieve(tokens, k=k, show_progress=False)
-        out = []
-        for row_d, row_s in zip(docs, scores):
-            out.append({self._ids[int(d)]: float(s) for d, s in zip(row_d, row_s) if s > 0})
-        return out
+        scores, rows = search(self._texts, self._stats, list(queries), k=k, k1=self.k1, b=self.b,
+                              stopwords=self.stopwords, chunk_size=self.chunk_size)
+        return run_of(scores, rows, self._ids)
 
 
 AnyModel = Union[TextEncoder, BM25Retriever]

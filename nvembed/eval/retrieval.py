@@ -10,8 +10,9 @@ Dense search reads the texts back one chunk at a time, writes their embeddings t
 :class:`~nvembed.mining.store.EmbeddingStore` on disk as they are encoded, and searches that store chunk by chunk
 (:func:`~nvembed.mining.topk.chunked_topk`, or a FAISS index of :mod:`nvembed.mining.index` for very large corpora);
 ids are read back only for the documents retrieved. Queries and qrels stay in memory (dicts): they are small next to
-the corpus (MS MARCO dev: 7k queries against 8.8M passages). BM25 (bm25s) tokenizes the whole corpus at once, so it
-holds it: a baseline for small folders. :func:`load_beir` gives the folder as dicts (small folders, the MTEB wrapper).
+the corpus (MS MARCO dev: 7k queries against 8.8M passages). BM25 (:mod:`nvembed.eval.bm25`) reads the texts back a
+chunk at a time too, twice (document frequencies and lengths, then weights of the query terms), with bm25s's scores.
+:func:`load_beir` gives the folder as dicts (small folders, the MTEB wrapper).
 """
 
 from __future__ import annotations
@@ -360,9 +361,10 @@ def dense_search(encoder, corpus: AnyCorpus, queries: Queries, *, instruction: O
 
 def bm25_search(bm25, corpus: AnyCorpus, queries: Queries, *, k: int = 100,
                 max_doc_chars: Optional[int] = None) -> Run:
-    """BM25 over the whole corpus (bm25s tokenizes every text at once: it holds the corpus in memory)."""
+    """BM25 (a :class:`~nvembed.eval.encoders.BM25Retriever`) over the corpus; a :class:`BeirCorpus` stays on disk:
+    its texts are read back ``bm25.chunk_size`` at a time and ids only for the documents retrieved."""
     if isinstance(corpus, BeirCorpus):
-        doc_ids, texts = corpus.ids(range(len(corpus))), list(corpus.texts(max_doc_chars))
+        doc_ids, texts = corpus.ids, corpus.texts(max_doc_chars)
     else:
         doc_ids = list(corpus)
         texts = [doc_text(corpus[d], max_doc_chars) for d in doc_ids]
