@@ -29,6 +29,12 @@ RSS (VmHWM) and the metrics, which must agree.
 
     python scripts/bench_mining.py --beir-eval 1000000 --queries 1000 --work /tmp/bm
 
+``--beir-eval N --bm25``: the same folder evaluated with the BM25 baseline instead: the streamed BM25 at hand
+(``nvembed.eval.bm25``) against bm25s over the whole corpus (``--old-rev`` defaults to the commit before it). Each
+query is a whole document (~80 tokens, the generator's 12 words in every document): a heavy case for any BM25.
+
+    python scripts/bench_mining.py --beir-eval 200000 --queries 200 --bm25 --work /tmp/bm
+
 Default (no mode flag): the memory of chunked top-k against the full score matrix it avoids, on random vectors
 held in RAM (``--docs 200000 --dim 384``); ``--faiss`` also times FAISS IndexFlatIP.
 """
@@ -360,42 +366,64 @@ def make_beir(a) -> Path:
 
 def beir_one(a) -> int:
     """Child of ``--beir-eval``: one evaluation with the current (``new``) or the old (``old``) retrieval code."""
-    import importlib.util
-
     import torch
 
     from nvembed.eval import retrieval  # imported by both: the same modules loaded before measuring
 
     mod = retrieval
     if a.beir_one == "old":
-        spec = importlib.util.spec_from_file_location("old_retrieval", Path(a.work) / "old_retrieval.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
+        mod = _load(Path(a.work) / "old_retrieval.py")
+    bm25 = None
+    if a.bm25:
+        import bm25s  # noqa: F401  (both codes use it: loaded before measuring)
+        import scipy.sparse  # noqa: F401
+
+        from nvembed.eval.encoders import BM25Retriever
+
+        bm25 = _load(Path(a.work) / "old_encoders.py").BM25Retriever() if a.beir_one == "old" else BM25Retriever()
 
     before, t0 = rss_mb(), time.perf_counter()
-    res = mod.evaluate_retrieval(HashEncoder(a.dim), a.beir_folder, batch_size=256)
+    if bm25 is None:
+        res = mod.evaluate_retrieval(HashEncoder(a.dim), a.beir_folder, batch_size=256)
+    else:  # evaluate_retrieval's BM25 path, called with this code's (or the old code's) BM25Retriever
+        beir = mod.open_beir(a.beir_folder)
+        res = mod.evaluate_run(beir.qrels, mod.bm25_search(bm25, beir.corpus, beir.queries, k=100))
+        res.update({"num_queries": len(beir.queries), "num_docs": len(beir.corpus)})
     print(json.dumps({"code": a.beir_one, **{k: round(v, 6) if isinstance(v, float) else v for k, v in res.items()},
                       "seconds": round(time.perf_counter() - t0, 1), "rss_before_mb": round(before),
                       "peak_rss_mb": round(rss_mb()), "threads": torch.get_num_threads()}), flush=True)
     return 0
 
 
+def _load(path: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def beir_eval(a) -> int:
     folder = make_beir(a)
     size = (folder / "corpus.jsonl").stat().st_size / 2**20
-    old = subprocess.run(["git", "show", f"{a.old_rev}:nvembed/eval/retrieval.py"], cwd=REPO, capture_output=True,
-                         text=True, check=True).stdout
-    (Path(a.work) / "old_retrieval.py").write_text(old)
+    rev = a.old_rev or ("05d9d58" if a.bm25 else "f1cf4ce")
+    for name in ("retrieval", "encoders"):
+        old = subprocess.run(["git", "show", f"{rev}:nvembed/eval/{name}.py"], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout
+        (Path(a.work) / f"old_{name}.py").write_text(old)
     rows = []
     for code in a.beir_codes.split(","):
         cmd = [sys.executable, __file__, "--beir-one", code, "--beir-folder", str(folder), "--work", a.work,
-               "--dim", str(a.dim)]
+               "--dim", str(a.dim)] + (["--bm25"] if a.bm25 else [])
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             print(out.stderr[-3000:], file=sys.stderr)
             return out.returncode
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(json.dumps({"docs": a.beir_eval, "corpus_mb": round(size), "dim": a.dim, **rows[-1]}), flush=True)
+        what = {"model": "bm25"} if a.bm25 else {"dim": a.dim}
+        print(json.dumps({"docs": a.beir_eval, "corpus_mb": round(size), **what, **rows[-1]}), flush=True)
     metrics = [{k: r[k] for k in ("ndcg@10", "recall@100", "mrr@10", "num_docs")} for r in rows]
     print(json.dumps({"same_metrics": all(m == metrics[0] for m in metrics)}))
     return 0
@@ -426,7 +454,9 @@ def main(argv=None) -> int:
     ap.add_argument("--doc-chunk-size", type=int, default=None, help="default 65536 with --scale, else 16384")
     ap.add_argument("--faiss", action="store_true")
     ap.add_argument("--beir-eval", type=int, default=None, metavar="N", help="evaluate on a generated N-doc folder")
-    ap.add_argument("--old-rev", default="f1cf4ce", help="--beir-eval: a commit before the corpus moved to disk")
+    ap.add_argument("--old-rev", default=None, help="--beir-eval: a commit before the corpus moved to disk "
+                    "(default f1cf4ce; with --bm25 05d9d58, the last with bm25s over the whole corpus)")
+    ap.add_argument("--bm25", action="store_true", help="--beir-eval: the BM25 baseline instead of an encoder")
     ap.add_argument("--beir-codes", default="new,old", help="--beir-eval: which code to run (new, old)")
     ap.add_argument("--beir-one", default=None, help=argparse.SUPPRESS)  # child process of --beir-eval
     ap.add_argument("--beir-folder", default=None, help=argparse.SUPPRESS)

@@ -26,8 +26,8 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 
 DEFAULT_CHUNK = 16384
-SCORE_BLOCK = 1 << 22
-"""Floats of one dense ``queries x chunk`` score block (16 MiB): sets how many queries are scored at once."""
+SCORE_BLOCK = 1 << 20
+"""Floats of one dense ``queries x chunk`` score block (4 MiB): sets how many queries are scored at once."""
 
 
 @dataclass
@@ -40,10 +40,6 @@ class CorpusStats:
     """Tokens of each document after stopword removal (int32, corpus order)."""
     df: Dict[str, int]
     """Token -> number of documents holding it (every token of the corpus)."""
-
-    @property
-    def avgdl(self) -> float:
-        return float(self.lengths.mean()) if self.n_docs else 0.0
 
 
 def _tokenize(texts: Sequence[str], stopwords) -> Tuple[Dict[str, int], np.ndarray, np.ndarray]:
@@ -109,7 +105,7 @@ def _weights(texts: Sequence[str], lengths: np.ndarray, cols: Dict[str, int], id
         if i is not None:
             colmap[i] = c
     doc = np.repeat(np.arange(len(lens), dtype=np.int64), lens)
-    col = colmap[flat] if len(flat) else flat
+    col = colmap[flat]
     keep = col >= 0
     key, tf = np.unique(doc[keep] * len(cols) + col[keep], return_counts=True)
     d, c = key // len(cols), key % len(cols)
