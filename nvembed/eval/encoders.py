@@ -246,7 +246,8 @@ def load_nvembed_export(folder, *, device: Optional[str] = None, max_seq_length:
                              f"that would run on load; pass --trust-remote-code (trust_remote_code=True) if you trust "
                              f"this folder")
     model = NVEmbedModel.from_pretrained(str(folder), config=NVEmbedConfig.from_pretrained(str(folder)))
-    model.tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    # config given: transformers does not know model_type "nvembed" and would warn while guessing the tokenizer
+    model.tokenizer = AutoTokenizer.from_pretrained(str(folder), config=model.config, trust_remote_code=False)
     if max_seq_length:
         model.config.max_seq_length = int(max_seq_length)
     if device:
