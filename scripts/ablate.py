@@ -23,24 +23,20 @@ from nvembed import errors  # noqa: E402
 
 @errors.cli
 def main(argv=None) -> int:
+    from nvembed.eval.experiment import add_arguments, report
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", default="demo", help="recipe name (recipes/NAME.yaml)")
-    ap.add_argument("--out", required=True, help="folder of the ablation (one sweep folder per group inside)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    add_arguments(ap, "folder of the ablation (one sweep folder per group inside)",
+                  "overrides for every run (e.g. a smaller scale: stage_defs.stage1.max_steps=20)")
     ap.add_argument("--groups", nargs="+", help="only these groups (pooling_attention, stage2_in_batch, one_stage, "
                                                 "zero_init_residual)")
-    ap.add_argument("--suite", help="evaluation suite YAML (default: the recipe's first eval suite)")
-    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                    help="overrides for every run (e.g. a smaller scale: stage_defs.stage1.max_steps=20)")
     ap.add_argument("--no-train", action="store_true", help="evaluate and tabulate the runs already there")
     a = ap.parse_args(argv)
     from nvembed.eval.ablate import run
 
     paths = run(a.recipe, a.out, seeds=a.seeds, only=a.groups, suite=a.suite, extra=a.set, train=not a.no_train,
                 log=lambda m: print(m, file=sys.stderr, flush=True))
-    print(open(paths["md"]).read())
-    print(" ".join(paths.values()), file=sys.stderr)
-    return 0
+    return report(paths)
 
 
 if __name__ == "__main__":

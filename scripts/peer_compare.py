@@ -25,22 +25,18 @@ from nvembed import errors  # noqa: E402
 
 @errors.cli
 def main(argv=None) -> int:
+    from nvembed.eval.experiment import add_arguments, report
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", default="demo", help="recipe name (recipes/NAME.yaml)")
-    ap.add_argument("--out", required=True, help="folder of the comparison")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    ap.add_argument("--suite", help="evaluation suite YAML (default: the recipe's first eval suite)")
-    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                    help="overrides for the nvembed runs (the peer follows them: model, stage-1 data, batch size, "
-                         "learning rate), e.g. a smaller scale: stage_defs.stage1.max_steps=20")
+    add_arguments(ap, "folder of the comparison",
+                  "overrides for the nvembed runs (the peer follows them: model, stage-1 data, batch size, learning "
+                  "rate), e.g. a smaller scale: stage_defs.stage1.max_steps=20")
     a = ap.parse_args(argv)
     from nvembed.eval.peer import run
 
     paths = run(a.recipe, a.out, seeds=a.seeds, suite=a.suite, extra=a.set,
                 log=lambda m: print(m, file=sys.stderr, flush=True))
-    print(open(paths["md"]).read())
-    print(" ".join(paths.values()), file=sys.stderr)
-    return 0
+    return report(paths)
 
 
 if __name__ == "__main__":

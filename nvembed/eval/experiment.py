@@ -133,3 +133,20 @@ def cell(ms: Tuple[Optional[float], Optional[float]], sign: bool = False) -> str
     """``mean ± std`` for a table (``-`` when there is no value)."""
     m, sd = ms
     return "-" if m is None else (f"{m:+.2f} ± {sd:.2f}" if sign else f"{m:.2f} ± {sd:.2f}")
+
+
+def add_arguments(ap, out_help: str, set_help: str) -> None:
+    """The command-line options every experiment tool takes: recipe, output folder, seeds, suite, ``--set``."""
+    ap.add_argument("--recipe", default="demo", help="recipe name (recipes/NAME.yaml)")
+    ap.add_argument("--out", required=True, help=out_help)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--suite", help="evaluation suite YAML (default: the recipe's first eval suite)")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help=set_help)
+
+
+def report(paths: Dict[str, str]) -> int:
+    """Print the table (stdout) and the files written (stderr)."""
+    with open(paths["md"]) as f:
+        print(f.read())
+    print(" ".join(paths.values()), file=sys.stderr)
+    return 0
