@@ -311,27 +311,35 @@ def json_object(line: str) -> Tuple[Optional[dict], str]:
     return obj, ""
 
 
-def jsonl_objects(path) -> Iterator[Tuple[int, int, dict]]:
-    """``(byte offset, line number, object)`` of each non-blank line of a JSONL file, streamed; a missing file, a
-    line that is not UTF-8 or not a JSON object is a :class:`SpecError` naming file:line. The one line reader of
-    the BEIR folders (evaluation) and the miner's inputs; the offset lets them read a row back later."""
+def text_lines(path) -> Iterator[Tuple[int, int, str]]:
+    """``(byte offset, line number, text)`` of each non-blank line of a UTF-8 text file, streamed; a missing file or a
+    line that is not UTF-8 is a :class:`SpecError` naming file:line. Only \\n ends a line (JSON strings hold no raw
+    \\r or \\n); the offset lets callers read a row back later."""
     try:
         f = open(path, "rb")
     except FileNotFoundError:
         raise SpecError(f"{path}: file not found") from None
     with f:
         off = 0
-        for n, raw in enumerate(f, 1):  # only \n ends a line (JSON strings hold no raw \r or \n)
+        for n, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise SpecError(f"{path}:{n}: not UTF-8 ({e.reason} at byte {e.start})") from None
             if line.strip():
-                obj, problem = json_object(line)
-                if problem:
-                    raise SpecError(f"{path}:{n}: {problem}")
-                yield off, n, obj
+                yield off, n, line
             off += len(raw)
+
+
+def jsonl_objects(path) -> Iterator[Tuple[int, int, dict]]:
+    """``(byte offset, line number, object)`` of each non-blank line of a JSONL file (:func:`text_lines`); a line
+    that is not a JSON object is a :class:`SpecError` naming file:line. The one line reader of the BEIR folders
+    (evaluation) and the miner's inputs."""
+    for off, n, line in text_lines(path):
+        obj, problem = json_object(line)
+        if problem:
+            raise SpecError(f"{path}:{n}: {problem}")
+        yield off, n, obj
 
 
 def _json_records(job: _Job, state: Dict[str, int]) -> Iterator[Tuple[int, Optional[dict], str]]:

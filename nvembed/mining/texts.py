@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from nvembed.data.sources import jsonl_objects
+from nvembed.data.sources import jsonl_objects, text_lines
 from nvembed.data.spec import SpecError
 
 QUERY_KEYS = ("query", "anchor", "question", "q")
@@ -39,18 +39,9 @@ def _hashes(buf: bytearray) -> np.ndarray:
 
 def scan_lines(path):
     """``(byte offset, line number, text)`` of each non-blank line of a text file (``.txt`` corpora; JSONL goes
-    through :func:`nvembed.data.sources.jsonl_objects`); a missing file is a :class:`SpecError`."""
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise SpecError(f"{path}: file not found") from None
-    with f:
-        off = 0
-        for n, raw in enumerate(f, 1):
-            line = raw.decode("utf-8")
-            if line.strip():
-                yield off, n, line
-            off += len(raw)
+    through :func:`nvembed.data.sources.jsonl_objects`); a missing file or a non-UTF-8 line is a :class:`SpecError`
+    naming file:line."""
+    return text_lines(path)
 
 
 def pair_keys(path, n: int, row: Dict[str, Any]) -> Tuple[str, str]:
