@@ -162,14 +162,14 @@ def load_trained(path: str):
     None)."""
     from .config import model_from_dict
     from .model import build_embedder
-    from .paths import SOURCE_ROOT, resolve_path
+    from .paths import resolve_path
 
     weights, run_dir = locate(path)
     run_cfg = RunDir(run_dir).load_config() if run_dir else None
     with open(os.path.join(weights, MODEL_CONFIG)) as f:
         model_cfg = model_from_dict(json.load(f))
     model_cfg.compile = False  # a training speed setting: a handful of forwards here, compiling costs a minute
-    roots = [SOURCE_ROOT] + ([os.path.dirname(run_dir)] if run_dir else [])
+    roots = [os.path.dirname(run_dir)] if run_dir else []  # resolve_path tries the checkout/bundle last
     model_cfg.tokenizer = resolve_path(model_cfg.tokenizer, roots)
     model_cfg.name_or_path = resolve_path(model_cfg.name_or_path, roots)
     if model_cfg.gguf_file and not model_cfg.name_or_path:

@@ -110,7 +110,6 @@ def export_config(embedder, max_seq_length: int, dtype: Optional[str] = None):
     if dtype:
         config.dtype = dtype
         config.text_config.dtype = dtype
-    config.architectures = ["NVEmbedModel"]
     config.auto_map = dict(AUTO_MAP)
     return config
 

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..data.example import Example
-from ..model.inputs import build_prompt, tokenize
+from ..hf.inputs_nvembed import build_prompt, tokenize
 
 
 def text_key(text: str) -> int:

@@ -45,12 +45,10 @@ def autocast_dtype(acc) -> Optional[torch.dtype]:
 def suite_paths(cfg) -> List[str]:
     """The files of ``eval.suites`` (absolute, from the working directory, or under ``data_specs/eval``)."""
     root = eval_suites_root()
-    out = []
-    for s in cfg.eval.suites:
-        p = s if os.path.isabs(s) or os.path.exists(s) else os.path.join(root, s)
+    out = [resolve_path(s, [root]) for s in cfg.eval.suites]
+    for s, p in zip(cfg.eval.suites, out):
         if not os.path.exists(p):
             raise FileNotFoundError(f"eval.suites: no such suite {s} (looked in {root})")
-        out.append(p)
     return out
 
 
