@@ -20,10 +20,14 @@ def test_groups_follow_the_recipe():
                                       "model.bidirectional": "true,false"}
     assert g["stage2_in_batch"] == {"stage_defs.stage2.in_batch_negatives": "true"}
     # equal compute: one stage runs as many steps as both stages of the recipe
-    assert g["one_stage"] == {"stages": "[stage1]", "stage_defs.stage1.max_steps": "90"}
+    total = sum(demo["stage_defs"][s]["max_steps"] for s in ("stage1", "stage2"))
+    assert g["one_stage"] == {"stages": "[stage1]", "stage_defs.stage1.max_steps": str(total)}
+    # the paper's single stage: the blend of stage 2 alone, in-batch negatives on and off
+    assert g["single_stage"] == {"stages": "[stage2]", "stage_defs.stage2.max_steps": str(total),
+                                 "stage_defs.stage2.in_batch_negatives": "true,false"}
     assert g["zero_init_residual"] == {"model.pooling.zero_init_residual": "false"}
     shorter = groups(load_recipe("demo", ["stage_defs.stage1.max_steps=20"]))
-    assert shorter["one_stage"]["stage_defs.stage1.max_steps"] == "60"
+    assert shorter["one_stage"]["stage_defs.stage1.max_steps"] == str(total - demo["stage_defs"]["stage1"]["max_steps"] + 20)
 
 
 def test_aggregate_mean_and_sample_std():
@@ -49,6 +53,11 @@ def test_setting_names():
     assert setting_name({"model.pooling.mode": "latent_attention", "model.bidirectional": "True"}, d) == "reference"
     assert setting_name({"model.pooling.mode": "mean", "model.bidirectional": "False"}, d) == "mode=mean+causal"
     assert setting_name({"stages": "[stage1]", "stage_defs.stage1.max_steps": "90"}, d) == "one stage (stage1)+max_steps=90"
+    single = {**d, "stages": "[stage1, stage2]", "stage_defs.stage2.in_batch_negatives": "false"}
+    assert setting_name({"stages": "[stage2]", "stage_defs.stage2.in_batch_negatives": "True"},
+                        single) == "one stage (stage2)+in_batch_negatives=true"
+    assert setting_name({"stages": "[stage2]", "stage_defs.stage2.in_batch_negatives": "False"},
+                        single) == "one stage (stage2)"
 
 
 def test_bad_requests_fail_before_training(tmp_path):

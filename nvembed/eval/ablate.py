@@ -6,6 +6,8 @@ Groups (each compared with the reference: the recipe as written, NV-Embed's choi
 * ``pooling_attention``: pooling {latent_attention, mean, last_token} x attention {bidirectional, causal};
 * ``stage2_in_batch``: stage 2 with in-batch negatives on (NV-Embed turns them off);
 * ``one_stage``: stage 1 only, for as many steps as both stages together (equal compute);
+* ``single_stage``: the paper's single-stage training (NV-Embed Table 4): every dataset in one stage (the last stage's
+  blend) for as many steps as both stages together, with in-batch negatives on and off;
 * ``zero_init_residual``: the latent-attention head's residual branches initialised randomly instead of at zero.
 
 Layout: ``OUT/GROUP/`` is a sweep folder (``sweep.md``; one run folder per setting and seed, named by Hydra from the
@@ -43,6 +45,9 @@ def groups(recipe: Dict[str, Any]) -> Dict[str, Dict[str, str]]:
         total = sum(int(defs.get(s, {}).get("max_steps") or 0) for s in stages)
         if total > 0 and all(int(defs.get(s, {}).get("max_steps") or 0) > 0 for s in stages):
             out["one_stage"] = {"stages": f"[{stages[0]}]", f"stage_defs.{stages[0]}.max_steps": str(total)}
+            last = stages[-1]
+            out["single_stage"] = {"stages": f"[{last}]", f"stage_defs.{last}.max_steps": str(total),
+                                   f"stage_defs.{last}.in_batch_negatives": "true,false"}
     pooling = (recipe.get("model") or {}).get("pooling") or {}
     if pooling.get("mode", "latent_attention") == "latent_attention":
         flip = "false" if pooling.get("zero_init_residual", True) else "true"
