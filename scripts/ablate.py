@@ -28,8 +28,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap, "folder of the ablation (one sweep folder per group inside)",
                   "overrides for every run (e.g. a smaller scale: stage_defs.stage1.max_steps=20)")
-    ap.add_argument("--groups", nargs="+", help="only these groups (pooling_attention, stage2_in_batch, one_stage, single_stage, "
-                                                "zero_init_residual)")
+    ap.add_argument("--groups", nargs="+", help="only these groups (pooling_attention, stage2_in_batch, one_stage, "
+                                                "single_stage, zero_init_residual)")
     ap.add_argument("--no-train", action="store_true", help="evaluate and tabulate the runs already there")
     a = ap.parse_args(argv)
     from nvembed.eval.ablate import run
