@@ -31,14 +31,14 @@ import numpy as np
 
 from tqdm.auto import tqdm
 
-from nvembed.data.sources import jsonl_objects
+from nvembed.data.sources import jsonl_objects, text_lines
 from nvembed.data.spec import DataSpec, FieldsSpec, SourceSpec, SpecError, parse_spec, write_spec
 from nvembed.mining.cache import store_folder
 from nvembed.mining.index import SearchConfig, build_index, estimate_recall, search
 from nvembed.mining.rules import MiningRule, select_negatives
 from nvembed.mining.store import StoreError, encode_to_store
 from nvembed.mining.texts import (MiningTexts, corpus_text, from_files, from_lists, pair_keys, pair_positives,
-                                  pass_through, scan_lines, strip_eol)
+                                  pass_through, strip_eol)
 
 
 class Ranks:
@@ -211,7 +211,7 @@ def read_corpus(path, with_ids: bool = False):
     ``with_ids``: ``(texts, ids)``, ids from ``_id`` / ``id`` (JSONL) or the line number."""
     texts, ids = [], []
     txt = Path(path).suffix == ".txt"
-    for _, n, r in scan_lines(path) if txt else jsonl_objects(path):
+    for _, n, r in text_lines(path) if txt else jsonl_objects(path):
         texts.append(strip_eol(r) if txt else corpus_text(r))
         ids.append(str(n) if txt else str(r.get("_id", r.get("id", n))))
     return (texts, ids) if with_ids else texts

@@ -37,13 +37,6 @@ def _hashes(buf: bytearray) -> np.ndarray:
     return np.frombuffer(bytes(buf), dtype="S16")
 
 
-def scan_lines(path):
-    """``(byte offset, line number, text)`` of each non-blank line of a text file (``.txt`` corpora; JSONL goes
-    through :func:`nvembed.data.sources.jsonl_objects`); a missing file or a non-UTF-8 line is a :class:`SpecError`
-    naming file:line."""
-    return text_lines(path)
-
-
 def pair_keys(path, n: int, row: Dict[str, Any]) -> Tuple[str, str]:
     qk = next((k for k in QUERY_KEYS if k in row), None)
     pk = next((k for k in POS_KEYS if k in row), None)
@@ -239,7 +232,7 @@ def from_files(pairs_path, corpus_path=None) -> MiningTexts:
     c_off, c_line, c_buf = array("q"), array("q"), bytearray()
     txt = corpus_path is not None and Path(corpus_path).suffix == ".txt"
     if corpus_path is not None:
-        rows = scan_lines(corpus_path) if txt else jsonl_objects(corpus_path)
+        rows = text_lines(corpus_path) if txt else jsonl_objects(corpus_path)
         for off, n, r in rows:
             c_buf += digest(strip_eol(r) if txt else _text(corpus_path, n, "text", corpus_text(r)))
             c_off.append(off)

@@ -108,9 +108,9 @@ def read_passages(path: str | Path) -> PassagePool:
     """The passages of a JSONL (``id``/``_id``/``doc_id``/``corpus_id`` + ``text``/``passage``/``contents``,
     ``title`` prepended) or TXT file (one passage per line; id = content hash), read in one pass; exact duplicate
     texts are dropped. A line that is not a JSON object, or an id used twice, is a ``SpecError`` naming file:line."""
-    from nvembed.data.sources import json_object
+    from nvembed.data.sources import json_object, text_lines
     from nvembed.data.spec import SpecError
-    from nvembed.mining.texts import FileRows, scan_lines
+    from nvembed.mining.texts import FileRows
 
     def parse_line(n: int, line: str) -> Dict[str, Any]:
         row, problem = json_object(line)
@@ -123,7 +123,7 @@ def read_passages(path: str | Path) -> PassagePool:
     # per passage: byte offset of its line, line number, piece of the line (TXT: str.splitlines pieces)
     off, line_no, piece = array("q"), array("q"), array("q")
     t_buf, i_buf = bytearray(), bytearray()
-    for o, n, line in scan_lines(p):
+    for o, n, line in text_lines(p):
         if jsonl:
             got = jsonl_passage(parse_line(n, line))
             found = [(0, *got)] if got else []
